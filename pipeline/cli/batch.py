@@ -1,74 +1,21 @@
-"""``gpt2-pipeline``: the command line. Heavy imports (Ray, vLLM) happen inside commands,
-so ``--help`` is instant. Flags override a YAML ``--spec``; both go through ``pipeline.config``.
-"""
+"""Offline commands: ``run`` (the bulk job), ``generate`` (a quick completion), ``models``, ``prompts``."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from pipeline.config import ConfigError, Dtype, JobConfig, Task, build, load_spec
-
-app = typer.Typer(
-    name="gpt2-pipeline",
-    help="Run GPT-2-family models at cluster scale: bulk jobs on Ray Data, an OpenAI-compatible endpoint on Ray Serve.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+from pipeline.cli.common import (
+    Address, DtypeOpt, GpusPerReplica, IgnoreEos, MaxModelLen, MaxTokens, MinTokens, Model, N, Replicas,
+    RepetitionPenalty, Seed, Spec, Stop, Temperature, TensorParallel, TopK, TopP, Verbose, _engine_flags, _fail,
+    _load, _sampling_flags, out,
 )
-console = Console(stderr=True)
-out = Console()
+from pipeline.config import ConfigError, JobConfig, Task
 
-# ---- shared options -------------------------------------------------------------------------------
-Spec = Annotated[Optional[Path], typer.Option("--spec", help="YAML spec with the same options; flags override it.")]
-Model = Annotated[Optional[str], typer.Option(help="Built-in name (demo, gpt2-small-random), local HF folder, or hub id in the HF cache.")]
-Replicas = Annotated[Optional[int], typer.Option(help="Engine replicas (one per GPU, or per CPU slot).")]
-GpusPerReplica = Annotated[Optional[float], typer.Option(help="GPUs per replica (0 on CPU machines).")]
-TensorParallel = Annotated[Optional[int], typer.Option(help="vLLM tensor parallel size within a replica.")]
-DtypeOpt = Annotated[Optional[Dtype], typer.Option(help="Weights dtype; auto = float32 on CPU.")]
-MaxModelLen = Annotated[Optional[int], typer.Option(help="Context length (default: the model's).")]
-Address = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray and vLLM logs.")]
-MaxTokens = Annotated[Optional[int], typer.Option(help="Most tokens to generate per sample.")]
-MinTokens = Annotated[Optional[int], typer.Option(help="Fewest tokens before EOS/stop may end a sample.")]
-Temperature = Annotated[Optional[float], typer.Option(help="0 = greedy decoding.")]
-TopP = Annotated[Optional[float], typer.Option(help="Nucleus sampling mass, in (0, 1].")]
-TopK = Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens; 0 disables.")]
-Seed = Annotated[Optional[int], typer.Option(help="Seed: same seed, same samples.")]
-Stop = Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")]
-N = Annotated[Optional[int], typer.Option("--n", help="Samples per prompt (one output row each).")]
-RepetitionPenalty = Annotated[Optional[float], typer.Option(help="HF-style repetition penalty (1 = off).")]
-IgnoreEos = Annotated[Optional[bool], typer.Option("--ignore-eos/--no-ignore-eos", help="Generate past EOS.")]
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
-
-
-def _engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype, max_model_len, truncate=None) -> dict:
-    return {
-        "model": model, "replicas": replicas, "gpus_per_replica": gpus_per_replica,
-        "tensor_parallel_size": tensor_parallel_size, "dtype": dtype.value if dtype else None,
-        "max_model_len": max_model_len, "truncate": truncate,
-    }
-
-
-def _sampling_flags(**kw: Any) -> dict:
-    return {k: v for k, v in kw.items() if v is not None and v != []}
-
-
-def _load(model_type: Any, spec: Optional[Path], overrides: dict) -> Any:
-    try:
-        return build(model_type, load_spec(spec) if spec else {}, overrides)
-    except ConfigError as exc:
-        _fail(str(exc))
-
+app = typer.Typer()
 
 # ---- run -------------------------------------------------------------------------------------------
 @app.command()
@@ -177,15 +124,3 @@ def prompts(
 
     write_prompt_set(path, rows, seed)
     out.print(f"wrote {rows} prompts to {path}")
-
-
-def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,34 @@
+"""``gpt2-pipeline``: the command line.
+
+Each area has its own module registering its commands; heavy imports (Ray, vLLM) happen inside
+commands, so ``--help`` is instant. Flags override a YAML ``--spec``; both go through
+``pipeline.config``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from pipeline.cli import batch
+from pipeline.cli.common import console
+
+app = typer.Typer(
+    name="gpt2-pipeline",
+    help="Run GPT-2-family models at cluster scale: bulk jobs on Ray Data, an OpenAI-compatible endpoint on Ray Serve.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+for area in (batch,):
+    app.registered_commands += area.app.registered_commands
+    app.registered_groups += area.app.registered_groups
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,60 @@
+"""Shared CLI pieces: consoles, option types, and the spec + flags loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from pipeline.config import ConfigError, Dtype, build, load_spec
+
+console = Console(stderr=True)
+out = Console()
+
+Spec = Annotated[Optional[Path], typer.Option("--spec", help="YAML spec with the same options; flags override it.")]
+Model = Annotated[Optional[str], typer.Option(help="Built-in name (demo, gpt2-small-random), local HF folder, or hub id in the HF cache.")]
+Replicas = Annotated[Optional[int], typer.Option(help="Engine replicas (one per GPU, or per CPU slot).")]
+GpusPerReplica = Annotated[Optional[float], typer.Option(help="GPUs per replica (0 on CPU machines).")]
+TensorParallel = Annotated[Optional[int], typer.Option(help="vLLM tensor parallel size within a replica.")]
+DtypeOpt = Annotated[Optional[Dtype], typer.Option(help="Weights dtype; auto = float32 on CPU.")]
+MaxModelLen = Annotated[Optional[int], typer.Option(help="Context length (default: the model's).")]
+Address = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray and vLLM logs.")]
+MaxTokens = Annotated[Optional[int], typer.Option(help="Most tokens to generate per sample.")]
+MinTokens = Annotated[Optional[int], typer.Option(help="Fewest tokens before EOS/stop may end a sample.")]
+Temperature = Annotated[Optional[float], typer.Option(help="0 = greedy decoding.")]
+TopP = Annotated[Optional[float], typer.Option(help="Nucleus sampling mass, in (0, 1].")]
+TopK = Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens; 0 disables.")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed: same seed, same samples.")]
+Stop = Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")]
+N = Annotated[Optional[int], typer.Option("--n", help="Samples per prompt (one output row each).")]
+RepetitionPenalty = Annotated[Optional[float], typer.Option(help="HF-style repetition penalty (1 = off).")]
+IgnoreEos = Annotated[Optional[bool], typer.Option("--ignore-eos/--no-ignore-eos", help="Generate past EOS.")]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype, max_model_len, truncate=None) -> dict:
+    return {
+        "model": model, "replicas": replicas, "gpus_per_replica": gpus_per_replica,
+        "tensor_parallel_size": tensor_parallel_size, "dtype": dtype.value if dtype else None,
+        "max_model_len": max_model_len, "truncate": truncate,
+    }
+
+
+def _sampling_flags(**kw: Any) -> dict:
+    return {k: v for k, v in kw.items() if v is not None and v != []}
+
+
+def _load(model_type: Any, spec: Optional[Path], overrides: dict) -> Any:
+    try:
+        return build(model_type, load_spec(spec) if spec else {}, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+

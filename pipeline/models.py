@@ -88,16 +88,23 @@ def _from_hf_cache(repo_id: str) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
+        folder = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hf_hub_cache()))
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as exc:
         raise ModelNotFoundError(
             f"model {repo_id!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), not a local folder, "
-            f"and not in the Hugging Face cache (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); "
+            f"and not in the Hugging Face cache ({hf_hub_cache()}); "
             f"it needs config.json, tokenizer files and model.safetensors. Downloads are off: "
             f"copy it with `huggingface-cli download {repo_id}` on a connected machine."
         ) from exc
     _check_folder(folder)
     return folder
+
+
+def hf_hub_cache() -> Path:
+    """The HF hub cache, read at call time (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
 
 
 def tokenizer_files() -> tuple[Path, Path]:

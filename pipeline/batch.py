@@ -75,14 +75,15 @@ class EngineActor:
 class ServeClient:
     """Sends each batch to a running Serve application's replicas (the same engine class)."""
 
-    def __init__(self, app_name: str, spec: RowSpec):
+    def __init__(self, app_name: str, spec: RowSpec, job_id: str):
         from ray import serve
 
         self.handle = serve.get_app_handle(app_name)
         self.spec = spec
+        self.job_id = job_id
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        return await self.handle.process_batch.remote(batch, self.spec)
+        return await self.handle.process_batch.remote(batch, self.spec, self.job_id)
 
 
 def _read_slice(items: pa.Table, *, fs: Any, schema: pa.Schema, id_column: str, done: Any) -> pa.Table:
@@ -230,7 +231,7 @@ def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec) -> Any:
     if job.via_serve:
         return ds.map_batches(
             ServeClient, batch_size=None, batch_format="pyarrow", compute=compute, num_cpus=0.1,
-            fn_constructor_kwargs={"app_name": job.via_serve, "spec": spec},
+            fn_constructor_kwargs={"app_name": job.via_serve, "spec": spec, "job_id": job.output},
         )
     return ds.map_batches(
         EngineActor, batch_size=None, batch_format="pyarrow", compute=compute,

@@ -8,8 +8,9 @@ Each input row gives exactly ``n`` output rows (``sample_index`` 0..n-1), errors
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow as pa
 from pydantic import ValidationError
@@ -68,8 +69,13 @@ def _error_text(exc: BaseException) -> str:
     return str(exc) if str(exc) else type(exc).__name__
 
 
-async def process_batch(engine: Any, batch: pa.Table, spec: RowSpec, priority: int) -> pa.Table:
-    """Run every row of ``batch`` concurrently through ``engine``; keep row order and ids."""
+async def process_batch(
+    engine: Any, batch: pa.Table, spec: RowSpec, priority: int, limit: Optional[asyncio.Semaphore] = None
+) -> pa.Table:
+    """Run every row of ``batch`` concurrently through ``engine``; keep row order and ids.
+
+    ``limit`` bounds how many of these rows run at once (the serving path's batch admission).
+    """
     from pipeline.engine import EngineFatalError, PromptError
 
     rows = batch.to_pylist()
@@ -82,10 +88,11 @@ async def process_batch(engine: Any, batch: pa.Table, spec: RowSpec, priority: i
         try:
             sampling = spec.sampling.with_overrides({c: row.get(c) for c in overrides})
             ids = engine.encode(prompt, sampling.max_tokens, truncate=spec.truncate)
-            if spec.task == Task.embed:
-                vec = await engine.embed(ids, normalize=spec.normalize, priority=priority)
-                return [{**base, "prompt_tokens": len(ids), "embedding": vec, "error": None}]
-            done = await engine.complete(ids, sampling, priority=priority)
+            async with limit or contextlib.nullcontext():
+                if spec.task == Task.embed:
+                    vec = await engine.embed(ids, normalize=spec.normalize, priority=priority)
+                    return [{**base, "prompt_tokens": len(ids), "embedding": vec, "error": None}]
+                done = await engine.complete(ids, sampling, priority=priority)
             return [
                 {**base, "sample_index": s.index, "generated_text": s.text, "token_ids": s.token_ids,
                  "prompt_tokens": done.prompt_tokens, "completion_tokens": len(s.token_ids),

@@ -187,11 +187,42 @@ def connect(address: str) -> Any:
     """A JobSubmissionClient for ``address`` (the dashboard URL, e.g. http://127.0.0.1:8265)."""
     from ray.job_submission import JobSubmissionClient
 
+    for attempt in (1, 2):
+        try:
+            with _address_env_cleared():
+                return JobSubmissionClient(address)
+        except Exception as exc:  # ConnectionError, requests errors, AuthenticationError, versions
+            auth = type(exc).__name__ == "AuthenticationError" or "401" in str(exc) or "Unauthorized" in str(exc)
+            if auth and attempt == 1 and _use_local_token():
+                continue
+            if auth:
+                raise SubmitError(
+                    f"the Ray cluster at {address} wants a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+                    "(from `ray get-auth-token` on the head)"
+                ) from None
+            raise SubmitError(f"cannot reach the Ray Jobs API at {address} ({type(exc).__name__}); is the cluster up?") from None
+    raise AssertionError("unreachable")
+
+
+def _use_local_token() -> bool:
+    """Ray 2.60's `ray start` turns token auth on when ~/.ray/auth_token exists and RAY_AUTH_MODE is
+    unset (as ``ray.init`` does when it connects), but its Jobs client only sends the token when
+    RAY_AUTH_MODE=token. Do what ``ray.init`` does: use the local token. True if there is one."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return False
+    import logging
+
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its "token authentication is enabled" warning is noise here
     try:
-        with _address_env_cleared():
-            return JobSubmissionClient(address)
-    except Exception as exc:  # ConnectionError, requests errors, version mismatches
-        raise SubmitError(f"cannot reach the Ray Jobs API at {address} ({type(exc).__name__}); is the cluster up?") from None
+        return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        log.setLevel(level)
 
 
 def submit(spec: Path, address: str, flags: dict[str, Any], *, working_dir: Optional[Path] = None,

@@ -11,8 +11,7 @@ import sys
 
 import typer
 
-from pipeline.cli import batch
-from pipeline.cli import jobs
+from pipeline.cli import batch, jobs, serve
 from pipeline.cli.common import console
 
 app = typer.Typer(
@@ -22,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for area in (batch, jobs):
+for area in (batch, serve, jobs):
     app.registered_commands += area.app.registered_commands
     app.registered_groups += area.app.registered_groups
 

@@ -55,7 +55,36 @@ def run(
             seed=seed, stop=stop, n=n, repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
         ),
     }
-    job: JobConfig = _load(JobConfig, spec, overrides)
+    _run_job(_load(JobConfig, spec, overrides), verbose)
+
+
+@app.command()
+def embed(
+    spec: Spec = None,
+    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Parquet file, folder, glob or URI.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder or URI.")] = None,
+    model: Model = None,
+    prompt_column: Annotated[Optional[str], typer.Option(help="Column holding the texts.")] = None,
+    id_column: Annotated[Optional[str], typer.Option(help="Column holding input ids.")] = None,
+    passthrough: Annotated[Optional[list[str]], typer.Option(help="Input column copied to the output (repeatable).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per engine call and per output shard.")] = None,
+    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="L2-normalize vectors.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty output folder.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue a stopped job.")] = None,
+    replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, dtype: DtypeOpt = None,
+    address: Address = None, verbose: Verbose = False,
+) -> None:
+    """Feature extraction: one vector per text (mean of GPT-2's final hidden states) as a float32 list column."""
+    overrides = {
+        "input": input, "output": output, "task": Task.embed.value, "prompt_column": prompt_column,
+        "id_column": id_column, "passthrough": passthrough or None, "batch_size": batch_size, "normalize": normalize,
+        "overwrite": overwrite, "resume": resume, "address": address,
+        "engine": _engine_flags(model, replicas, gpus_per_replica, None, dtype, None),
+    }
+    _run_job(_load(JobConfig, spec, overrides), verbose)
+
+
+def _run_job(job: JobConfig, verbose: bool) -> None:
     from pipeline.report import run_with_progress
 
     try:

@@ -1,0 +1,72 @@
+"""Online command: ``serve`` deploys the OpenAI-compatible endpoint on Ray Serve."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.cli.common import (
+    Address, DtypeOpt, GpusPerReplica, MaxModelLen, Model, Replicas, Spec, TensorParallel, Verbose, _engine_flags,
+    _load, console, out,
+)
+from pipeline.config import ServeConfig
+
+app = typer.Typer()
+
+
+@app.command()
+def serve(
+    spec: Spec = None,
+    model: Model = None,
+    replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, tensor_parallel_size: TensorParallel = None,
+    dtype: DtypeOpt = None, max_model_len: MaxModelLen = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1: loopback only).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port (default 8000).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="GPT2_PIPELINE_API_KEY", show_envvar=True,
+                                                   help="Require 'Authorization: Bearer KEY' on all routes but health.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Serve application name (for run --via-serve).")] = None,
+    embeddings: Annotated[Optional[bool], typer.Option("--embeddings/--no-embeddings", help="Serve /v1/embeddings (a second, pooling engine).")] = None,
+    max_queued_requests: Annotated[Optional[int], typer.Option(help="Requests waiting per replica before 429.")] = None,
+    max_batch_in_flight: Annotated[Optional[int], typer.Option(help="Batch-job rows a replica runs at once.")] = None,
+    min_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling: fewest replicas (enables autoscaling).")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling: most replicas.")] = None,
+    target_ongoing_requests: Annotated[Optional[float], typer.Option(help="Autoscaling: target requests per replica.")] = None,
+    address: Address = None,
+    num_cpus: Annotated[Optional[int], typer.Option(help="Logical CPUs for an embedded Ray (default 8).")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Return once deployed (needs --address: a running cluster).")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API on Ray Serve (Ctrl-C stops it)."""
+    overrides = {
+        "host": host, "port": port, "api_key": api_key, "name": name, "embeddings": embeddings,
+        "max_queued_requests": max_queued_requests, "max_batch_in_flight": max_batch_in_flight,
+        "min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing_requests": target_ongoing_requests,
+        "address": address, "num_cpus": num_cpus,
+        "engine": _engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype, max_model_len),
+    }
+    cfg: ServeConfig = _load(ServeConfig, spec, overrides)
+    from pipeline.models import ModelNotFoundError, resolve_model
+
+    try:
+        resolve_model(cfg.engine.model)
+    except ModelNotFoundError as exc:
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2)
+    from ray import serve as ray_serve
+
+    from pipeline.serving.server import start
+
+    console.print(f"starting {cfg.engine.replicas} replica(s) of {cfg.engine.name} ...")
+    url = start(cfg, verbose)
+    out.print(f"serving {cfg.engine.name} at {url}/v1 (Serve app {cfg.name!r}); "
+              f"{'API key required' if cfg.api_key else 'no API key'}", highlight=False)
+    if detach:
+        return
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("shutting down ...")
+        ray_serve.shutdown()

@@ -1,0 +1,168 @@
+"""OpenAI semantics on top of the engine: prompts → engine calls → response objects or SSE events.
+
+Route handlers call these and only map the results to HTTP; this module knows nothing of
+FastAPI or Ray Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from pipeline.config import SamplingConfig
+from pipeline.engine import Engine, PromptError, Sample
+from pipeline.serving.errors import APIError, error_event
+from pipeline.serving.metrics import Meter
+from pipeline.serving.protocol import (
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Embedding, EmbeddingRequest,
+    EmbeddingResponse, Usage,
+)
+
+
+@dataclass
+class Prepared:
+    """A validated completion request: sampling and (text, token ids) per prompt."""
+
+    sampling: SamplingConfig
+    prompts: list[tuple[str, list[int]]]
+
+
+def _encode(engine: Engine, prompts: list[Union[str, list[int]]], budget: int, max_prompts: int,
+            param: str) -> list[tuple[str, list[int]]]:
+    if not prompts:
+        raise APIError(400, f"{param} must not be empty", param)
+    if len(prompts) > max_prompts:
+        raise APIError(400, f"at most {max_prompts} prompts per request, got {len(prompts)}", param)
+    out = []
+    for p in prompts:
+        try:
+            ids = engine.encode(p, truncate=False)
+        except PromptError as exc:
+            raise APIError(400, exc.message, param, exc.code) from None
+        if len(ids) + budget > engine.context_length:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {engine.context_length} tokens. However, you requested "
+                f"{len(ids) + budget} tokens ({len(ids)} in the prompt, {budget} in the completion).",
+                param, "context_length_exceeded",
+            )
+        out.append((p if isinstance(p, str) else engine.tokenizer.decode(ids), ids))
+    return out
+
+
+def prepare(engine: Engine, req: CompletionRequest, max_prompts: int) -> Prepared:
+    sampling = req.to_sampling()  # ValidationError / ValueError → 400 (errors.install)
+    return Prepared(sampling, _encode(engine, req.prompts(), sampling.max_tokens, max_prompts, "prompt"))
+
+
+def _logprobs(sample: Sample, offset: int) -> Optional[CompletionLogprobs]:
+    if sample.logprobs is None:
+        return None
+    lp = CompletionLogprobs()
+    for t in sample.logprobs:
+        lp.text_offset.append(offset)
+        lp.tokens.append(t.token)
+        lp.token_logprobs.append(t.logprob)
+        lp.top_logprobs.append(t.top)
+        offset += len(t.token)
+    return lp
+
+
+async def complete(engine: Engine, req: CompletionRequest, job: Prepared, model: str, priority: int,
+                   meter: Meter) -> CompletionResponse:
+    done = await asyncio.gather(*(engine.complete(ids, job.sampling, priority=priority) for _, ids in job.prompts))
+    choices, usage = [], Usage()
+    for i, ((text, _), completion) in enumerate(zip(job.prompts, done)):
+        usage.prompt_tokens += completion.prompt_tokens
+        usage.completion_tokens += completion.completion_tokens
+        head = text if req.echo else ""
+        for s in completion.samples:
+            choices.append(CompletionChoice(index=i * job.sampling.n + s.index, text=head + s.text,
+                                            finish_reason=s.finish_reason, logprobs=_logprobs(s, len(head))))
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    meter.tokens(usage.prompt_tokens, usage.completion_tokens)
+    return CompletionResponse(choices=choices, model=model, usage=usage)
+
+
+def _sse(data: Any) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def stream(engine: Engine, req: CompletionRequest, job: Prepared, model: str, priority: int,
+                 meter: Meter) -> AsyncIterator[str]:
+    """SSE events, one per delta per choice, then usage (if asked) and ``[DONE]``.
+
+    If the client goes away, the generator is closed: the pump tasks are cancelled, which
+    aborts their requests inside vLLM and frees the slots.
+    """
+    n = job.sampling.n
+    queue: asyncio.Queue = asyncio.Queue()
+    template = CompletionResponse(choices=[], model=model)
+    usage = Usage(prompt_tokens=sum(len(ids) for _, ids in job.prompts))
+    offsets: dict[int, int] = {}
+
+    async def pump(i: int, ids: list[int]) -> None:
+        try:
+            async for chunk in engine.generate(ids, job.sampling, stream=True, priority=priority):
+                await queue.put((i, chunk))
+            await queue.put((i, None))
+        except Exception as exc:  # surfaced to the client as an error event
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, ids)) for i, (_, ids) in enumerate(job.prompts)]
+    try:
+        if req.echo:
+            for i, (text, _) in enumerate(job.prompts):
+                for k in range(n):
+                    offsets[i * n + k] = len(text)
+                    yield _sse(template.model_copy(update={"choices": [CompletionChoice(index=i * n + k, text=text)]}).model_dump())
+        remaining = len(tasks)
+        while remaining:
+            i, chunk = await queue.get()
+            if chunk is None:
+                remaining -= 1
+                continue
+            if isinstance(chunk, BaseException):
+                yield _sse(error_event(chunk))
+                break
+            meter.first_token()
+            choices = []
+            for s in chunk:
+                index = i * n + s.index
+                usage.completion_tokens += len(s.token_ids)
+                choices.append(CompletionChoice(index=index, text=s.text, finish_reason=s.finish_reason,
+                                                logprobs=_logprobs(s, offsets.get(index, 0))))
+                offsets[index] = offsets.get(index, 0) + len(s.text)
+            yield _sse(template.model_copy(update={"choices": choices}).model_dump(exclude={"usage"}))
+        else:
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+            if req.stream_options and req.stream_options.include_usage:
+                yield _sse(template.model_copy(update={"usage": usage}).model_dump())
+        meter.tokens(usage.prompt_tokens, usage.completion_tokens)
+        yield _sse("[DONE]")
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def embed(engine: Engine, req: EmbeddingRequest, model: str, max_prompts: int, priority: int,
+                meter: Meter) -> EmbeddingResponse:
+    if req.dimensions not in (None, engine.hidden_size):
+        raise APIError(400, f"dimensions must be {engine.hidden_size} for this model", "dimensions")
+    prompts = _encode(engine, req.inputs(), 0, max_prompts, "input")
+    vectors = await asyncio.gather(*(engine.embed(ids, normalize=req.normalize, priority=priority) for _, ids in prompts))
+    data = []
+    for i, vec in enumerate(vectors):
+        value: Union[list[float], str] = vec
+        if req.encoding_format == "base64":
+            value = base64.b64encode(np.asarray(vec, dtype=np.float32).tobytes()).decode()
+        data.append(Embedding(embedding=value, index=i))
+    tokens = sum(len(ids) for _, ids in prompts)
+    meter.tokens(tokens, 0)
+    return EmbeddingResponse(data=data, model=model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))

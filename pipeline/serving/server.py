@@ -1,0 +1,220 @@
+"""The online endpoint: a Ray Serve deployment whose replicas hold the same ``Engine`` as the
+batch actors, behind an OpenAI-compatible FastAPI app.
+
+Each replica runs a generation engine (vLLM priority scheduling: online requests first) and,
+unless disabled, a pooling engine for ``/v1/embeddings``. Batch jobs reach the same replicas
+through ``process_batch`` (``run --via-serve``), bounded by their own admission limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Optional
+
+import pyarrow as pa
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from ray import serve
+
+from pipeline.config import ServeConfig, Task
+from pipeline.engine import PRIORITY_BATCH, PRIORITY_ONLINE, Engine
+from pipeline.records import RowSpec, process_batch
+from pipeline.serving import api, errors
+from pipeline.serving.errors import APIError
+from pipeline.serving.metrics import Meter, Metrics
+from pipeline.serving.protocol import CompletionRequest, EmbeddingRequest, ModelCard, ModelList
+
+API_KEY_ENV = "GPT2_PIPELINE_API_KEY"
+OPEN_PATHS = ("/health", "/health/ready")
+
+app = FastAPI(title="gpt2-pipeline", summary="OpenAI-compatible GPT-2 endpoint", docs_url=None, redoc_url=None)
+errors.install(app)
+# One replica per process: the guard middleware reads this replica's settings here.
+_settings: dict[str, Any] = {"api_key": None, "max_body_bytes": 4 * 1024 * 1024}
+
+
+@app.middleware("http")
+async def guard(request: Request, call_next: Any) -> Response:
+    """API key (constant-time compare) and body size, checked before the body is parsed."""
+    key = _settings["api_key"]
+    if key and request.url.path not in OPEN_PATHS:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return errors.error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                         code="invalid_api_key")
+    length = request.headers.get("content-length")
+    if length and (not length.isdigit() or int(length) > _settings["max_body_bytes"]):
+        return errors.error_response(413, f"request body over {_settings['max_body_bytes']} bytes")
+    return await call_next(request)
+
+
+@serve.deployment(name="LLMServer")
+@serve.ingress(app)
+class LLMServer:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.name = cfg.engine.name
+        self.engine = Engine(cfg.engine, Task.generate, priority_scheduling=True)
+        self.embedder = Engine(cfg.engine, Task.embed) if cfg.embeddings else None
+        _settings.update(api_key=cfg.api_key or os.environ.get(API_KEY_ENV) or None, max_body_bytes=cfg.max_body_bytes)
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:
+            replica = "local"
+        self.metrics = Metrics(replica)
+        self.active = 0
+        self.batch_jobs: dict[str, int] = {}
+        self._batch_slots: Optional[asyncio.Semaphore] = None
+
+    # ---- admission: a bounded queue per replica; excess answers 429 quickly -------------------
+    @asynccontextmanager
+    async def admitted(self, route: str) -> AsyncIterator[Meter]:
+        meter = Meter(self.metrics, route)
+        if self.active >= self.cfg.engine.max_in_flight + self.cfg.max_queued_requests:
+            meter.done(429)
+            raise APIError(429, "the server is at capacity; retry later", code="queue_full", retry_after=1)
+        self.active += 1
+        self.metrics.active.set(self.active)
+        status = 200
+        try:
+            yield meter
+        except APIError as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.active -= 1
+            self.metrics.active.set(self.active)
+            if not getattr(meter, "streaming", False):
+                meter.done(status)
+
+    def check_model(self, model: Optional[str]) -> None:
+        if model not in (None, self.name):
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.name!r}", "model",
+                           "model_not_found")
+
+    async def _tail(self, events: AsyncIterator[str], meter: Meter) -> AsyncIterator[str]:
+        """Keep the request counted as active until its stream ends (or the client leaves)."""
+        self.active += 1
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self.active -= 1
+            meter.done(200)
+
+    # ---- routes -----------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> dict:
+        await self.engine.check_health()
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready(self) -> dict:
+        await self.engine.check_health()
+        return {"status": "ready", "model": self.name, "active_requests": self.active}
+
+    @app.get("/v1/models")
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.name, max_model_len=self.engine.context_length)])
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(self, req: CompletionRequest) -> Any:
+        async with self.admitted("completions") as meter:
+            self.check_model(req.model)
+            job = api.prepare(self.engine, req, self.cfg.max_prompts_per_request)
+            if not req.stream:
+                return await api.complete(self.engine, req, job, self.name, PRIORITY_ONLINE, meter)
+            meter.streaming = True  # type: ignore[attr-defined]
+            events = api.stream(self.engine, req, job, self.name, PRIORITY_ONLINE, meter)
+            return StreamingResponse(self._tail(events, meter), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, req: EmbeddingRequest) -> Any:
+        async with self.admitted("embeddings") as meter:
+            self.check_model(req.model)
+            if self.embedder is None:
+                raise APIError(404, "embeddings are disabled on this server (start it without --no-embeddings)")
+            return await api.embed(self.embedder, req, self.name, self.cfg.max_prompts_per_request,
+                                   PRIORITY_ONLINE, meter)
+
+    @app.get("/metrics")
+    async def prometheus(self) -> Response:
+        body = self.metrics.render(lambda: self.engine.queued)
+        return Response(body, media_type="text/plain; version=0.0.4")
+
+    # ---- batch jobs through the same replicas (run --via-serve) ------------------------------
+    async def process_batch(self, batch: pa.Table, spec: RowSpec, job_id: str = "") -> pa.Table:
+        if self._batch_slots is None:
+            self._batch_slots = asyncio.Semaphore(self.cfg.max_batch_in_flight)
+        engine = self.embedder if spec.task == Task.embed else self.engine
+        if engine is None:
+            raise RuntimeError("this server has embeddings disabled")
+        self.batch_jobs[job_id] = self.batch_jobs.get(job_id, 0) + 1
+        self.metrics.batch_calls.inc()
+        self.metrics.batch_jobs.set(len(self.batch_jobs))
+        try:
+            return await process_batch(engine, batch, spec, PRIORITY_BATCH, limit=self._batch_slots)
+        finally:
+            self.metrics.batch_calls.dec()
+            self.batch_jobs[job_id] -= 1
+            if not self.batch_jobs[job_id]:
+                del self.batch_jobs[job_id]
+            self.metrics.batch_jobs.set(len(self.batch_jobs))
+
+    async def check_health(self) -> None:
+        """Serve's own health check: a dead engine gets this replica replaced."""
+        await self.engine.check_health()
+        if self.embedder is not None:
+            await self.embedder.check_health()
+
+
+def build_app(cfg: ServeConfig) -> Any:
+    """The Serve application for ``cfg`` (replicas or autoscaling, resources, queue bounds)."""
+    engine = cfg.engine
+    options: dict[str, Any] = dict(
+        ray_actor_options={"num_cpus": engine.cpus_per_replica,
+                           "num_gpus": engine.gpus_per_replica * engine.tensor_parallel_size},
+        # Let requests reach the replica, which answers 429 itself (OpenAI JSON + Retry-After);
+        # Serve's own queue bound is the backstop (503).
+        max_ongoing_requests=engine.max_in_flight + cfg.max_queued_requests + 64,
+        max_queued_requests=engine.max_in_flight + cfg.max_queued_requests,
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+    )
+    if cfg.min_replicas is not None or cfg.max_replicas is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": cfg.min_replicas if cfg.min_replicas is not None else 1,
+            "initial_replicas": max(cfg.min_replicas or 1, 1),
+            "max_replicas": cfg.max_replicas or max(cfg.min_replicas or 1, engine.replicas),
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = engine.replicas
+    return LLMServer.options(**options).bind(cfg)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """For Serve config files / ``serve run pipeline.serving.server:app_builder model=demo``."""
+    from pipeline.config import build
+
+    flat = dict(args)
+    engine = {k: flat.pop(k) for k in list(flat) if k in ("model", "replicas", "dtype", "max_model_len")}
+    return build_app(build(ServeConfig, flat, {"engine": engine}))
+
+
+def start(cfg: ServeConfig, verbose: bool = False) -> str:
+    """Deploy on the Ray cluster (embedded if no address); return the base URL once ready."""
+    from pipeline.runtime import init_ray
+
+    init_ray(cfg.address, cfg.num_cpus, verbose)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
+    return f"http://{cfg.host}:{cfg.port}"

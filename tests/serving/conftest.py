@@ -1,0 +1,58 @@
+"""One real Serve application on the demo model for the serving tests (real HTTP on loopback)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+
+APP = "gpt2-test"
+# Small bounds so overload is reachable with a few dozen requests on a 2-core machine.
+MAX_IN_FLIGHT = 8
+MAX_QUEUED = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 600, headers: dict | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5, headers=headers).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{url} did not become healthy")
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster):
+    from ray import serve
+
+    from pipeline.config import ServeConfig
+    from pipeline.serving.server import build_app
+
+    port = free_port()
+    cfg = ServeConfig(
+        name=APP, port=port, max_queued_requests=MAX_QUEUED, max_batch_in_flight=4,
+        engine={"model": "demo", "max_in_flight": MAX_IN_FLIGHT},
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name=APP, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url)
+    yield url
+    serve.delete(APP)
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server, timeout=120) as c:
+        yield c

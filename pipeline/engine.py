@@ -29,10 +29,11 @@ _CPU_KV_CACHE_BYTES = 2 * 2**30
 class PromptError(ValueError):
     """A prompt that cannot run (null, empty, wrong type, over the context). Becomes an error row."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, tokens: Optional[int] = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.tokens = tokens  # the prompt's length, when known
 
 
 class EngineFatalError(RuntimeError):
@@ -136,6 +137,10 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise PromptError("empty_prompt", "prompt is empty")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise PromptError("invalid_prompt", "prompt is not valid Unicode (lone surrogate)") from None
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             if not prompt:
@@ -153,6 +158,7 @@ class Engine:
                     "prompt_too_long",
                     f"prompt has {len(ids)} tokens; the context is {self.context_length} "
                     "(use truncate to keep the last tokens)",
+                    tokens=len(ids),
                 )
             keep = max(1, min(limit, self.context_length - max_tokens))
             ids = ids[-keep:]

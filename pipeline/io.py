@@ -7,6 +7,7 @@ Paths may be local, ``file://``, or any URI pyarrow's filesystems take (s3://, g
 from __future__ import annotations
 
 import fnmatch
+import os
 import hashlib
 import json
 import posixpath
@@ -34,7 +35,7 @@ _GLOB = set("*?[")
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it."""
     if "://" not in uri:
-        return pafs.LocalFileSystem(), posixpath.abspath(uri)
+        return pafs.LocalFileSystem(), posixpath.abspath(os.path.expanduser(uri))
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, ValueError, OSError) as exc:
@@ -69,7 +70,11 @@ def _list_files(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], st
     if any(ch in _GLOB for ch in path):
         root = path[: min(path.index(ch) for ch in _GLOB if ch in path)].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-        files = sorted(i.path for i in infos if i.is_file and fnmatch.fnmatch(i.path, path))
+        depth = path.count("/")  # '*' stays within one folder; '**' may cross folders
+        files = sorted(
+            i.path for i in infos
+            if i.is_file and fnmatch.fnmatchcase(i.path, path) and ("**" in path or i.path.count("/") == depth)
+        )
         if not files:
             raise ConfigError(f"no files match {uri!r}")
         return files, root
@@ -81,7 +86,8 @@ def _list_files(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], st
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     files = sorted(
         i.path for i in infos
-        if i.is_file and i.path.endswith((".parquet", ".pq")) and not posixpath.basename(i.path).startswith(("_", "."))
+        if i.is_file and i.path.endswith((".parquet", ".pq"))
+        and not any(part.startswith(("_", ".")) for part in posixpath.relpath(i.path, path).split("/"))
     )
     if not files:
         raise ConfigError(f"input folder {uri!r} holds no .parquet files")

@@ -30,17 +30,14 @@ EXCLUDES = [
 ]
 LARGE_FILE_BYTES = 10 * 1024 * 1024  # other files this big stay behind too (inputs belong in s3://)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+STOP_WAIT_S = 30
 META_KEY = "gpt2_pipeline"
 
 # submit flag -> where it goes in a JobConfig (the remote `run` gets the same flag).
 FLAGS: dict[str, tuple[str, ...]] = {
-    "input": ("input",), "output": ("output",), "task": ("task",), "batch_size": ("batch_size",),
-    "overwrite": ("overwrite",), "resume": ("resume",), "force": ("force",),
-    "max_error_rate": ("max_error_rate",), "model": ("engine", "model"), "replicas": ("engine", "replicas"),
-    "gpus_per_replica": ("engine", "gpus_per_replica"),
-    "tensor_parallel_size": ("engine", "tensor_parallel_size"),
-    "max_tokens": ("sampling", "max_tokens"), "temperature": ("sampling", "temperature"),
-    "seed": ("sampling", "seed"),
+    **{k: (k,) for k in ("input", "output", "task", "batch_size", "overwrite", "resume", "force", "max_error_rate")},
+    **{k: ("engine", k) for k in ("model", "replicas", "gpus_per_replica", "tensor_parallel_size")},
+    **{k: ("sampling", k) for k in ("max_tokens", "temperature", "seed")},
 }
 _SWITCHES = {"overwrite", "resume", "force"}  # `run` has --overwrite, not --overwrite/--no-overwrite
 
@@ -96,13 +93,14 @@ def run_args(flags: dict[str, Any]) -> list[str]:
 
 
 def project_dir(spec: Path) -> Path:
-    """The project folder shipped as the working dir: nearest folder above ``spec`` (else the
-    current folder) holding ``pyproject.toml`` and ``pipeline/``; else the installed package's."""
+    """The folder shipped as the working dir: the nearest one above ``spec`` (else above the current
+    folder) holding ``pyproject.toml`` and ``pipeline/``; else the spec's own folder (the cluster
+    then runs its installed gpt2-pipeline)."""
     for start in (spec.resolve().parent, Path.cwd().resolve()):
         for d in (start, *start.parents):
             if (d / "pyproject.toml").is_file() and (d / "pipeline" / "__init__.py").is_file():
                 return d
-    return Path(__file__).resolve().parents[1]
+    return spec.resolve().parent
 
 
 def _is_local_relative(path: str) -> bool:
@@ -137,7 +135,12 @@ def runtime_env(workdir: Path, keep: list[Path]) -> tuple[dict[str, Any], list[s
     env = {
         "working_dir": str(workdir),
         "excludes": EXCLUDES + [f"/{rel}" for rel in large],
-        "env_vars": {"PYTHONUNBUFFERED": "1"},  # logs reach `jobs logs --follow` as they happen
+        "env_vars": {
+            "PYTHONUNBUFFERED": "1",  # logs reach `jobs logs --follow` as they happen
+            # `jobs stop` interrupts the driver like Ctrl-C: it writes its summary (resumable) and
+            # exits; Ray kills it only if that takes longer than STOP_WAIT_S.
+            "RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S),
+        },
     }
     warnings = [f"not shipped (over {LARGE_FILE_BYTES >> 20} MiB): {rel}" for rel in large]
     return env, warnings
@@ -173,6 +176,15 @@ def prepare(spec: Path, flags: dict[str, Any], working_dir: Optional[Path] = Non
 
 
 # ---- the Jobs API ----------------------------------------------------------------------------------
+def quiet_ray_logs() -> None:
+    """Keep Ray's client chatter (packaging, uploads, sockets) off a command's output."""
+    import logging
+
+    import ray  # noqa: F401  (configures the "ray" logger; set its level after that)
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+
+
 @contextmanager
 def _address_env_cleared() -> Iterator[None]:
     """Ray's client prefers RAY_ADDRESS over its argument; make the resolved address win."""
@@ -205,9 +217,9 @@ def connect(address: str) -> Any:
 
 
 def _use_local_token() -> bool:
-    """Ray 2.60's `ray start` turns token auth on when ~/.ray/auth_token exists and RAY_AUTH_MODE is
-    unset (as ``ray.init`` does when it connects), but its Jobs client only sends the token when
-    RAY_AUTH_MODE=token. Do what ``ray.init`` does: use the local token. True if there is one."""
+    """Ray 2.60's `ray start` enables token auth when ~/.ray/auth_token exists and RAY_AUTH_MODE is
+    unset, but its Jobs client sends the token only if RAY_AUTH_MODE=token. Do what ``ray.init``
+    does when it connects: use the local token. True if there is one."""
     if os.environ.get("RAY_AUTH_MODE") is not None:
         return False
     import logging
@@ -262,10 +274,6 @@ def list_jobs(client: Any) -> list[Any]:
     return sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
 
 
-def logs(client: Any, job_id: str) -> str:
-    return client.get_job_logs(job_id)
-
-
 def follow(client: Any, job_id: str, write: Callable[[str], Any]) -> str:
     """Stream the job's logs to ``write`` until it ends (``tail_job_logs``); return its final status."""
 
@@ -289,11 +297,6 @@ def wait(client: Any, job_id: str, timeout: float = 600, poll: float = 0.5) -> s
         if status in TERMINAL or time.monotonic() > deadline:
             return status
         time.sleep(poll)
-
-
-def stop(client: Any, job_id: str) -> bool:
-    """Ask the job to stop (SIGTERM to its driver, then SIGKILL); True if it was running."""
-    return bool(client.stop_job(job_id))
 
 
 def status_of(details: Any) -> str:

@@ -62,16 +62,19 @@ def submit(
         return
     if not spec.is_file():
         _fail(f"spec file {str(spec)!r} does not exist")
+    if not verbose:
+        sub.quiet_ray_logs()
     try:
         s = sub.submit(spec, resolved, flags, working_dir=working_dir, submission_id=submission_id, verbose=verbose)
     except (ConfigError, sub.SubmitError) as exc:
         _fail(str(exc))
     for w in s.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     out.print(s.submission_id, highlight=False)
-    console.print(f"submitted to {resolved}: {s.entrypoint}", highlight=False)
+    console.print(f"submitted to {resolved}: {s.entrypoint}", highlight=False, soft_wrap=True)
     if not follow:
-        console.print(f"follow: gpt2-pipeline jobs logs {s.submission_id} --follow --address {resolved}", highlight=False)
+        console.print(f"follow: gpt2-pipeline jobs logs {s.submission_id} --follow --address {resolved}",
+                      highlight=False, soft_wrap=True)
         return
     status = sub.follow(s.client, s.submission_id, _write)
     _print_status_line(s.submission_id, status)
@@ -116,6 +119,7 @@ def _client(address: Optional[str]):
     resolved = sub.resolve_address(address)
     if resolved is None:
         _fail("no Ray cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    sub.quiet_ray_logs()
     try:
         return sub, sub.connect(resolved), resolved
     except sub.SubmitError as exc:
@@ -129,10 +133,10 @@ def _details(sub, client, job_id: str, address: str):
         _fail(str(exc))
 
 
-def _time(ms: Optional[int]) -> str:
+def _time(ms: Optional[int], fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
     import time
 
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+    return time.strftime(fmt, time.localtime(ms / 1000)) if ms else "-"
 
 
 @jobs_app.command("list")
@@ -141,11 +145,16 @@ def list_(address: JobsAddress = None) -> None:
     from rich.table import Table
 
     sub, client, resolved = _client(address)
-    table = Table("id", "status", "started", "ended", "spec", "output", title=f"jobs on {resolved}")
+    table = Table(title=f"jobs on {resolved}")
+    table.add_column("id", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("started", no_wrap=True)
+    table.add_column("spec", overflow="fold")
+    table.add_column("output", overflow="fold")
     for j in sub.list_jobs(client):
         meta = j.metadata or {}
-        table.add_row(j.submission_id or j.job_id or "-", sub.status_of(j), _time(j.start_time), _time(j.end_time),
-                      meta.get("spec", (j.entrypoint or "")[:40]), meta.get("output", ""))
+        table.add_row(j.submission_id or j.job_id or "-", sub.status_of(j), _time(j.start_time, "%m-%d %H:%M:%S"),
+                      meta.get("spec", (j.entrypoint or "")[:60]), meta.get("output", ""))
     out.print(table)
 
 
@@ -172,7 +181,7 @@ def logs(
     sub, client, resolved = _client(address)
     _details(sub, client, job_id, resolved)
     if not follow:
-        _write(sub.logs(client, job_id))
+        _write(client.get_job_logs(job_id))
         return
     _print_status_line(job_id, sub.follow(client, job_id, _write))
 
@@ -186,7 +195,7 @@ def stop(
     """Stop a running job; committed output shards stay (rerun the spec with --resume to finish)."""
     sub, client, resolved = _client(address)
     d = _details(sub, client, job_id, resolved)
-    if not sub.stop(client, job_id):
+    if not client.stop_job(job_id):  # SIGINT to the driver (see submit.runtime_env), then SIGKILL
         out.print(f"job {job_id} is not running ({sub.status_of(d)})", highlight=False)
         return
     out.print(f"stopping job {job_id}", highlight=False)

@@ -44,16 +44,22 @@ def _encode(engine: Engine, prompts: list[Union[str, list[int]]], budget: int, m
         try:
             ids = engine.encode(p, truncate=False)
         except PromptError as exc:
-            raise APIError(400, exc.message, param, exc.code) from None
+            if exc.tokens is None:
+                raise APIError(400, exc.message, param, exc.code) from None
+            _over_context(engine, exc.tokens, budget, param)
         if len(ids) + budget > engine.context_length:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {engine.context_length} tokens. However, you requested "
-                f"{len(ids) + budget} tokens ({len(ids)} in the prompt, {budget} in the completion).",
-                param, "context_length_exceeded",
-            )
+            _over_context(engine, len(ids), budget, param)
         out.append((p if isinstance(p, str) else engine.tokenizer.decode(ids), ids))
     return out
+
+
+def _over_context(engine: Engine, tokens: int, budget: int, param: str) -> None:
+    raise APIError(
+        400,
+        f"This model's maximum context length is {engine.context_length} tokens. However, you requested "
+        f"{tokens + budget} tokens ({tokens} in the prompt, {budget} in the completion).",
+        param, "context_length_exceeded",
+    )
 
 
 def prepare(engine: Engine, req: CompletionRequest, max_prompts: int) -> Prepared:

@@ -46,6 +46,7 @@ class Meter:
         self.metrics, self.route = metrics, route
         self.start = time.monotonic()
         self.first: Optional[float] = None
+        self.streaming = False  # a stream records its status when it ends, not when the handler returns
 
     def first_token(self) -> None:
         if self.first is None:

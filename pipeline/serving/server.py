@@ -31,36 +31,77 @@ from pipeline.serving.protocol import CompletionRequest, EmbeddingRequest, Model
 API_KEY_ENV = "GPT2_PIPELINE_API_KEY"
 OPEN_PATHS = ("/health", "/health/ready")
 
-app = FastAPI(title="gpt2-pipeline", summary="OpenAI-compatible GPT-2 endpoint", docs_url=None, redoc_url=None)
-errors.install(app)
-# One replica per process: the guard middleware reads this replica's settings here.
-_settings: dict[str, Any] = {"api_key": None, "max_body_bytes": 4 * 1024 * 1024}
 
+def build_api(server: "LLMServer") -> FastAPI:
+    """The replica's FastAPI app. Handlers only map engine results (``api``) to HTTP."""
+    app = FastAPI(title="gpt2-pipeline", summary="OpenAI-compatible GPT-2 endpoint", docs_url=None, redoc_url=None)
+    errors.install(app)
+    cfg = server.cfg
 
-@app.middleware("http")
-async def guard(request: Request, call_next: Any) -> Response:
-    """API key (constant-time compare) and body size, checked before the body is parsed."""
-    key = _settings["api_key"]
-    if key and request.url.path not in OPEN_PATHS:
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            return errors.error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                         code="invalid_api_key")
-    length = request.headers.get("content-length")
-    if length and (not length.isdigit() or int(length) > _settings["max_body_bytes"]):
-        return errors.error_response(413, f"request body over {_settings['max_body_bytes']} bytes")
-    return await call_next(request)
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        """API key (constant-time compare) and body size, checked before the body is parsed."""
+        if server.api_key and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+                return errors.error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                             code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+            return errors.error_response(413, f"request body over {cfg.max_body_bytes} bytes")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        await server.engine.check_health()
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready() -> dict:
+        await server.check_health()
+        return {"status": "ready", "model": server.name, "active_requests": server.active}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=server.name, max_model_len=server.engine.context_length)])
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> Any:
+        async with server.admitted("completions") as meter:
+            server.check_model(req.model)
+            job = api.prepare(server.engine, req, cfg.max_prompts_per_request)
+            if not req.stream:
+                return await api.complete(server.engine, req, job, server.name, PRIORITY_ONLINE, meter)
+            meter.streaming = True
+            events = api.stream(server.engine, req, job, server.name, PRIORITY_ONLINE, meter)
+            return StreamingResponse(server.tail(events, meter), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> Any:
+        async with server.admitted("embeddings") as meter:
+            server.check_model(req.model)
+            if server.embedder is None:
+                raise APIError(404, "embeddings are disabled on this server (start it without --no-embeddings)")
+            return await api.embed(server.embedder, req, server.name, cfg.max_prompts_per_request,
+                                   PRIORITY_ONLINE, meter)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(server.metrics.render(lambda: server.engine.queued), media_type="text/plain; version=0.0.4")
+
+    return app
 
 
 @serve.deployment(name="LLMServer")
-@serve.ingress(app)
+@serve.ingress()
 class LLMServer:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.name = cfg.engine.name
+        self.api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
         self.engine = Engine(cfg.engine, Task.generate, priority_scheduling=True)
         self.embedder = Engine(cfg.engine, Task.embed) if cfg.embeddings else None
-        _settings.update(api_key=cfg.api_key or os.environ.get(API_KEY_ENV) or None, max_body_bytes=cfg.max_body_bytes)
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:
@@ -69,6 +110,9 @@ class LLMServer:
         self.active = 0
         self.batch_jobs: dict[str, int] = {}
         self._batch_slots: Optional[asyncio.Semaphore] = None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
 
     # ---- admission: a bounded queue per replica; excess answers 429 quickly -------------------
     @asynccontextmanager
@@ -91,7 +135,7 @@ class LLMServer:
         finally:
             self.active -= 1
             self.metrics.active.set(self.active)
-            if not getattr(meter, "streaming", False):
+            if not meter.streaming:
                 meter.done(status)
 
     def check_model(self, model: Optional[str]) -> None:
@@ -99,8 +143,8 @@ class LLMServer:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.name!r}", "model",
                            "model_not_found")
 
-    async def _tail(self, events: AsyncIterator[str], meter: Meter) -> AsyncIterator[str]:
-        """Keep the request counted as active until its stream ends (or the client leaves)."""
+    async def tail(self, events: AsyncIterator[str], meter: Meter) -> AsyncIterator[str]:
+        """Keep a stream counted as active until it ends (or the client leaves)."""
         self.active += 1
         try:
             async for event in events:
@@ -108,47 +152,6 @@ class LLMServer:
         finally:
             self.active -= 1
             meter.done(200)
-
-    # ---- routes -----------------------------------------------------------------------------
-    @app.get("/health")
-    async def health(self) -> dict:
-        await self.engine.check_health()
-        return {"status": "ok"}
-
-    @app.get("/health/ready")
-    async def ready(self) -> dict:
-        await self.engine.check_health()
-        return {"status": "ready", "model": self.name, "active_requests": self.active}
-
-    @app.get("/v1/models")
-    async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.name, max_model_len=self.engine.context_length)])
-
-    @app.post("/v1/completions", response_model=None)
-    async def completions(self, req: CompletionRequest) -> Any:
-        async with self.admitted("completions") as meter:
-            self.check_model(req.model)
-            job = api.prepare(self.engine, req, self.cfg.max_prompts_per_request)
-            if not req.stream:
-                return await api.complete(self.engine, req, job, self.name, PRIORITY_ONLINE, meter)
-            meter.streaming = True  # type: ignore[attr-defined]
-            events = api.stream(self.engine, req, job, self.name, PRIORITY_ONLINE, meter)
-            return StreamingResponse(self._tail(events, meter), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.post("/v1/embeddings")
-    async def embeddings(self, req: EmbeddingRequest) -> Any:
-        async with self.admitted("embeddings") as meter:
-            self.check_model(req.model)
-            if self.embedder is None:
-                raise APIError(404, "embeddings are disabled on this server (start it without --no-embeddings)")
-            return await api.embed(self.embedder, req, self.name, self.cfg.max_prompts_per_request,
-                                   PRIORITY_ONLINE, meter)
-
-    @app.get("/metrics")
-    async def prometheus(self) -> Response:
-        body = self.metrics.render(lambda: self.engine.queued)
-        return Response(body, media_type="text/plain; version=0.0.4")
 
     # ---- batch jobs through the same replicas (run --via-serve) ------------------------------
     async def process_batch(self, batch: pa.Table, spec: RowSpec, job_id: str = "") -> pa.Table:
@@ -182,10 +185,11 @@ def build_app(cfg: ServeConfig) -> Any:
     options: dict[str, Any] = dict(
         ray_actor_options={"num_cpus": engine.cpus_per_replica,
                            "num_gpus": engine.gpus_per_replica * engine.tensor_parallel_size},
-        # Let requests reach the replica, which answers 429 itself (OpenAI JSON + Retry-After);
-        # Serve's own queue bound is the backstop (503).
+        # Let requests reach the replica, which answers 429 itself (OpenAI JSON + Retry-After).
+        # Serve's router queue is only a backstop (503): bursts wait there briefly while the
+        # router assigns them, so it is sized well above the replica's own bound.
         max_ongoing_requests=engine.max_in_flight + cfg.max_queued_requests + 64,
-        max_queued_requests=engine.max_in_flight + cfg.max_queued_requests,
+        max_queued_requests=4 * (engine.max_in_flight + cfg.max_queued_requests) + 256,
         health_check_period_s=10,
         health_check_timeout_s=60,
     )

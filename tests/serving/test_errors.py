@@ -1,0 +1,131 @@
+"""Every error a client can cause: OpenAI's error JSON with the right status, never a 500."""
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.serving.conftest import MAX_IN_FLIGHT, MAX_QUEUED
+
+LONG = "word " * 1100  # over GPT-2's 1024-token context
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "hi", "temperature": -1}, "temperature"),
+        ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 10**12}, "max_tokens"),
+        ({"prompt": "hi", "n": 1000}, "n"),
+        ({"prompt": "hi", "top_k": -5}, "top_k"),
+        ({"prompt": "hi", "min_tokens": 9, "max_tokens": 3}, None),
+        ({"prompt": "hi", "best_of": 3}, None),
+        ({"prompt": "hi", "logit_bias": {"50256": -100}}, None),
+        ({"prompt": "hi", "suffix": "tail"}, None),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [10**9]}, "prompt"),
+        ({"prompt": LONG}, "prompt"),
+        ({"prompt": "hi", "max_tokens": 1024}, "prompt"),  # prompt + completion over the context
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "hi", "stream": "yes please"}, "stream"),
+        ({"prompt": "hi", "unknown_field": 1}, "unknown_field"),
+        ({}, "prompt"),
+    ],
+)
+def test_bad_completion_requests_are_400(client, body, param):
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    if param:
+        assert param in (err["param"] or "") or param in err["message"]
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"prompt": "\\ud800 lone surrogate", "max_tokens": 2}', '{"prompt": "\u00e9\u4e2d\U0001F600\u200b", "max_tokens": 2}'.encode(),
+            b'{"prompt": "\\u0000 nul", "max_tokens": 2}', b'{"prompt": "  ", "max_tokens": 2}']
+)
+def test_unicode_edge_cases_never_500(client, raw):
+    r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code in (200, 400), r.text
+    assert ("choices" in r.json()) if r.status_code == 200 else r.json()["error"]["message"]
+
+
+def test_context_length_message_is_openais(client):
+    err = client.post("/v1/completions", json={"prompt": LONG}).json()["error"]
+    assert err["code"] == "context_length_exceeded" and "maximum context length is 1024 tokens" in err["message"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2", b"null", b'"just a string"', b"\xff\xfe"])
+def test_malformed_json_is_400(client, raw):
+    r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_unknown_model_route_and_method(client):
+    r = client.post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = client.post("/v1/embeddings", json={"model": "nope", "input": "hi"})
+    assert r.status_code == 404
+    assert client.get("/v1/nothing-here").status_code == 404
+    assert client.get("/v1/completions").status_code == 405
+
+
+def test_bad_embedding_requests(client):
+    for body in ({"input": ""}, {"input": []}, {"input": "x", "encoding_format": "hex"}, {"input": "x", "dimensions": 3},
+                 {"input": LONG}):
+        r = client.post("/v1/embeddings", json=body)
+        assert r.status_code == 400, (body, r.text)
+
+
+def test_oversized_body_is_413(client):
+    r = client.post("/v1/completions", content=b'{"prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["message"]
+
+
+def test_overload_answers_429_quickly_and_serves_the_rest(server):
+    async def one(c: httpx.AsyncClient):
+        start = asyncio.get_running_loop().time()
+        r = await c.post("/v1/completions", json={"prompt": "Overload test", "max_tokens": 64, "ignore_eos": True})
+        return r.status_code, r.headers.get("retry-after"), asyncio.get_running_loop().time() - start, r
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server, timeout=300,
+                                     limits=httpx.Limits(max_connections=200)) as c:
+            return await asyncio.gather(*(one(c) for _ in range((MAX_IN_FLIGHT + MAX_QUEUED) * 3)))
+
+    results = asyncio.run(burst())
+    statuses = [s for s, *_ in results]
+    assert 500 not in statuses
+    assert statuses.count(200) >= MAX_IN_FLIGHT  # accepted requests complete
+    rejected = [(s, ra, t, r) for s, ra, t, r in results if s in (429, 503)]
+    assert rejected, statuses
+    for status, retry_after, elapsed, r in rejected:
+        assert retry_after is not None, (status, r.text, statuses)
+        assert r.json()["error"]["message"]
+    fastest_ok = min(t for s, _, t, _ in results if s == 200)
+    assert min(t for _, _, t, _ in rejected) < fastest_ok  # rejections do not wait for the work
+    with httpx.Client(base_url=server) as c:
+        assert c.get("/health").status_code == 200  # still up
+
+
+def test_client_disconnect_aborts_generation(client):
+    body = {"prompt": "A very long story", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # got a token, now hang up
+    deadline = 30
+    import time
+
+    for _ in range(deadline * 2):
+        metrics = client.get("/metrics").text
+        line = next(l for l in metrics.splitlines() if l.startswith("gpt2_pipeline_engine_requests_unfinished"))
+        if float(line.split()[-1]) == 0:
+            return
+        time.sleep(0.5)
+    pytest.fail("the aborted stream still holds an engine slot")

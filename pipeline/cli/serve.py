@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Annotated, Optional
 
@@ -14,6 +15,10 @@ from pipeline.cli.common import (
 from pipeline.config import ServeConfig
 
 app = typer.Typer()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 @app.command()
@@ -64,6 +69,7 @@ def serve(
               f"{'API key required' if cfg.api_key else 'no API key'}", highlight=False)
     if detach:
         return
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` and container stops shut down cleanly too
     try:
         while True:
             time.sleep(1)

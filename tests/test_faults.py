@@ -1,0 +1,89 @@
+"""Nothing lost: Ctrl-C, kill -9 of the driver, engine actor and node failures, error-rate aborts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_prompts
+from pipeline.batch import run_job
+from pipeline.config import JobConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shards(out: Path) -> int:
+    return len(list(out.glob("part-*.parquet")))
+
+
+def start_run(src: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "--input", str(src), "--output", str(out), "--batch-size", "4",
+         "--max-tokens", "48", "--ignore-eos", "--seed", "0", "--num-cpus", "4", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT,
+    )
+
+
+def wait_shards(proc: subprocess.Popen, out: Path, at_least: int, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while shards(out) < at_least:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.5)
+
+
+def test_ctrl_c_then_kill_9_then_resume_is_exactly_once(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", [f"Interrupted prompt number {i}" for i in range(64)])
+    out = tmp_path / "out"
+
+    first = start_run(src, out)
+    wait_shards(first, out, 2)
+    first.send_signal(signal.SIGINT)  # Ctrl-C: stop cleanly, say how far it got
+    log = first.communicate(timeout=180)[0]
+    assert first.returncode == 130, log[-3000:]
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["status"] == "interrupted" and "--resume" in summary["message"]
+    assert not (out / "_SUCCESS").exists()
+    done_after_ctrl_c = shards(out)
+
+    second = start_run(src, out, "--resume")
+    wait_shards(second, out, done_after_ctrl_c + 1)
+    os.killpg(second.pid, signal.SIGKILL)  # kill -9: no cleanup at all
+    second.wait(60)
+
+    third = start_run(src, out, "--resume")
+    log = third.communicate(timeout=600)[0]
+    assert third.returncode == 0, log[-3000:]
+    ids = pq.read_table(out)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 64
+    assert json.loads((out / "_summary.json").read_text())["skipped_resume"] > 0
+    assert (out / "_SUCCESS").exists() and not list(out.glob(".tmp-*"))
+
+
+def test_engine_actor_and_node_failures_lose_and_duplicate_nothing():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "faults.py"), "--rows", "64", "--faults", "kill-actor,remove-node"],
+        capture_output=True, text=True, timeout=1200, cwd=ROOT,
+    )
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert report["duplicates"] == 0 and report["lost"] == 0, report
+    assert [f["fault"] for f in report["faults_injected"]] == ["kill-actor", "remove-node"]
+    assert report["job_status"] == "succeeded" and proc.returncode == 0
+
+
+def test_max_error_rate_aborts_and_keeps_good_rows(tmp_path, ray_cluster):
+    prompts = [None if i % 3 else f"Good prompt {i}" for i in range(60)]  # two thirds are bad
+    src = write_prompts(tmp_path / "in.parquet", prompts)
+    job = JobConfig(input=str(src), output=str(tmp_path / "out"), batch_size=4, max_error_rate=0.2,
+                    sampling={"max_tokens": 4})
+    summary = run_job(job)
+    assert summary.status == "aborted" and "max-error-rate" in summary.message and "--resume" in summary.message
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows > 0 and table["error"].null_count > 0  # committed good rows are kept
+    assert not (tmp_path / "out" / "_SUCCESS").exists()

@@ -54,3 +54,46 @@ def test_embeddings_disabled_is_a_clear_404(keyed_server):
     url, _ = keyed_server
     r = httpx.post(f"{url}/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer s3cret-key"})
     assert r.status_code == 404 and "disabled" in r.json()["error"]["message"]
+
+
+def test_replica_death_is_replaced_and_traffic_recovers(keyed_server):
+    """Kill the replica's actor (and its vLLM engine) during traffic: Serve replaces it."""
+    import threading
+    import time
+
+    import psutil
+
+    url, _ = keyed_server
+    headers = {"Authorization": "Bearer s3cret-key"}
+    body = {"model": "demo", "prompt": "During the crash", "max_tokens": 16}
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    statuses.append(c.post(f"{url}/v1/completions", json=body, headers=headers).status_code)
+                except httpx.HTTPError:
+                    statuses.append(-1)  # connection dropped mid-request: an error, not a hang
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    time.sleep(2)
+    replicas = [p for p in psutil.process_iter(["cmdline"])
+                if (p.info["cmdline"] or [""])[0].startswith("ray::ServeReplica:keyed")]
+    assert len(replicas) == 1
+    victim = replicas[0]
+    for p in [*victim.children(recursive=True), victim]:
+        p.kill()
+    deadline = time.monotonic() + 300
+    recovered = False
+    while time.monotonic() < deadline and not recovered:
+        time.sleep(2)
+        recovered = statuses[-3:] == [200, 200, 200]
+    stop.set()
+    thread.join(60)
+    assert recovered, statuses[-20:]
+    assert 200 in statuses[:5]  # it served before the crash
+    assert httpx.get(f"{url}/health").status_code == 200

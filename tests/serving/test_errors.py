@@ -129,3 +129,62 @@ def test_client_disconnect_aborts_generation(client):
             return
         time.sleep(0.5)
     pytest.fail("the aborted stream still holds an engine slot")
+
+
+def _fuzz_strategies():
+    from hypothesis import strategies as st
+
+    scalar = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)
+    anything = st.recursive(scalar, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                            max_leaves=8)
+    prompt = st.one_of(st.text(max_size=300), st.lists(st.text(max_size=30), max_size=3),
+                       st.lists(st.integers(-3, 60000), max_size=6), anything)
+    completion = st.fixed_dictionaries({}, optional={
+        "model": st.sampled_from(["demo", "other", ""]) | anything, "prompt": prompt,
+        "max_tokens": st.integers(-5, 24) | anything, "temperature": st.floats(-1, 3) | anything,
+        "top_p": st.floats(-0.5, 1.5) | anything, "top_k": st.integers(-3, 100) | anything,
+        "n": st.integers(-1, 3) | anything, "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=3),
+        "seed": st.integers() | anything, "stream": st.booleans() | anything, "echo": st.booleans(),
+        "logprobs": st.integers(-1, 25) | anything, "min_tokens": st.integers(-1, 30),
+        "repetition_penalty": st.floats(-1, 5) | anything, "stream_options": anything,
+    })
+    embedding = st.fixed_dictionaries({}, optional={
+        "input": prompt, "model": st.sampled_from(["demo", "x"]), "encoding_format": st.sampled_from(["float", "base64", "x"]),
+        "dimensions": st.integers(-1, 200) | anything, "normalize": anything,
+    })
+    return completion, embedding
+
+
+def test_fuzzed_requests_never_500(client):
+    """Property-based: any JSON a client sends gets an answer below 500, and the server stays up."""
+    import json as _json
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    completion, embedding = _fuzz_strategies()
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(route=st.sampled_from(["/v1/completions", "/v1/embeddings"]), data=st.data())
+    def check(route, data):
+        body = data.draw(completion if route.endswith("completions") else embedding)
+        raw = _json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass")
+        r = client.post(route, content=raw, headers={"content-type": "application/json"})
+        assert r.status_code < 500, (body, r.status_code, r.text[:300])
+        assert "Traceback" not in r.text and "/pipeline/" not in r.text
+
+    check()
+    assert client.get("/health").status_code == 200
+
+
+def test_fuzzed_raw_bytes_never_500(client):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(raw=st.binary(max_size=300), route=st.sampled_from(["/v1/completions", "/v1/embeddings"]))
+    def check(raw, route):
+        r = client.post(route, content=raw, headers={"content-type": "application/json"})
+        assert r.status_code < 500, (raw, r.text[:300])
+
+    check()

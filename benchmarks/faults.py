@@ -45,6 +45,17 @@ def kill_tree(proc: psutil.Process) -> None:
             pass
 
 
+def reap_orphans(since: float) -> int:
+    """vLLM engine processes of a removed node outlive its raylet here (on a real cluster the
+    machine is gone): kill the ones this run orphaned."""
+    killed = 0
+    for p in psutil.process_iter(["name", "ppid", "create_time"]):
+        if p.info["ppid"] == 1 and (p.info["name"] or "").startswith("VLLM") and p.info["create_time"] >= since:
+            p.kill()
+            killed += 1
+    return killed
+
+
 def committed(out: Path) -> int:
     return len(list(out.glob("part-*.parquet")))
 
@@ -96,6 +107,7 @@ def main() -> int:
 
     thread = threading.Thread(target=run, daemon=True)
     started = time.monotonic()
+    started_wall = time.time() - 1
     thread.start()
     injected = []
     for fault in [f for f in args.faults.split(",") if f]:
@@ -130,6 +142,7 @@ def main() -> int:
     print(json.dumps(report, indent=2))
     ray.shutdown()
     cluster.shutdown()
+    reap_orphans(started_wall)
     ok = report["duplicates"] == 0 and report["lost"] == 0 and len(injected) == len(args.faults.split(","))
     return 0 if ok else 1
 

@@ -252,11 +252,11 @@ def _verify(fs: Any, folder: str, job: JobConfig, plan: io.InputPlan, status: st
         cols = [job.id_column, "error", "prompt_tokens"] + (["completion_tokens", "sample_index"] if job.task == Task.generate else [])
         dataset = pads.dataset(files, filesystem=fs, format="parquet")
         table = dataset.to_table(columns=cols)
+        stats = summarize(table)
         io.write_json(fs, folder, io.MANIFEST_FILE, {
-            "status": status, "rows": table.num_rows, "config": job.model_dump(mode="json"),
+            "status": status, **stats, "config": job.model_dump(mode="json"),
             "shards": [{"file": f.path.rsplit("/", 1)[-1], "rows": f.metadata.num_rows} for f in dataset.get_fragments()],
         })
-        stats = summarize(table)
         summary.rows_out, summary.error_rows = stats["rows"], stats["errors"]
         summary.prompt_tokens, summary.completion_tokens = stats["prompt_tokens"], stats["completion_tokens"]
         keys = [job.id_column] + (["sample_index"] if job.task == Task.generate else [])

@@ -94,3 +94,20 @@ def test_generate_through_hub_id_in_offline_cache(tmp_path, demo_model):
     assert proc.returncode == 0, proc.stderr[-2000:]
     samples = json.loads(proc.stdout)
     assert len(samples) == 1 and 1 <= len(samples[0]["token_ids"]) <= 8 and samples[0]["text"]
+
+
+def test_embed_command_writes_fixed_size_float32_vectors(tmp_path, ray_cluster):
+    import numpy as np
+    import pyarrow as pa
+
+    src = write_prompts(tmp_path / "texts.parquet", ["The cat sat", "A different text", "The cat sat", None],
+                        id=["a", "b", "c", "d"])
+    result = runner.invoke(app, ["embed", "--input", str(src), "--output", str(tmp_path / "vecs"), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "vecs").sort_by("id")
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 128)
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert rows["d"]["embedding"] is None and rows["d"]["error"].startswith("null_prompt")
+    a, b, c = (np.array(rows[k]["embedding"]) for k in "abc")
+    assert np.allclose(a, c, atol=1e-5) and not np.allclose(a, b, atol=1e-3)
+    assert abs(np.linalg.norm(a) - 1) < 1e-4

@@ -96,4 +96,4 @@ def test_replica_death_is_replaced_and_traffic_recovers(keyed_server):
     thread.join(60)
     assert recovered, statuses[-20:]
     assert 200 in statuses[:5]  # it served before the crash
-    assert httpx.get(f"{url}/health").status_code == 200
+    assert httpx.get(f"{url}/health", timeout=60).status_code == 200

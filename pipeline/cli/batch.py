@@ -11,7 +11,7 @@ import typer
 from pipeline.cli.common import (
     Address, DtypeOpt, GpusPerReplica, IgnoreEos, MaxModelLen, MaxTokens, MinTokens, Model, N, Replicas,
     RepetitionPenalty, Seed, Spec, Stop, Temperature, TensorParallel, TopK, TopP, Verbose, _engine_flags, _fail,
-    _load, _sampling_flags, out, quiet_vllm,
+    _load, _sampling_flags, out, quiet_vllm, run_job_cli,
 )
 from pipeline.config import ConfigError, JobConfig, Task
 
@@ -55,7 +55,7 @@ def run(
             seed=seed, stop=stop, n=n, repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
         ),
     }
-    _run_job(_load(JobConfig, spec, overrides), verbose)
+    run_job_cli(_load(JobConfig, spec, overrides), verbose)
 
 
 @app.command()
@@ -81,18 +81,7 @@ def embed(
         "overwrite": overwrite, "resume": resume, "address": address,
         "engine": _engine_flags(model, replicas, gpus_per_replica, None, dtype, None),
     }
-    _run_job(_load(JobConfig, spec, overrides), verbose)
-
-
-def _run_job(job: JobConfig, verbose: bool) -> None:
-    from pipeline.report import run_with_progress
-
-    try:
-        summary = run_with_progress(job, verbose)
-    except ConfigError as exc:
-        _fail(str(exc))
-    if summary.status != "succeeded":
-        raise typer.Exit(1 if summary.status != "interrupted" else 130)
+    run_job_cli(_load(JobConfig, spec, overrides), verbose)
 
 
 # ---- generate / embed (quick look, no Ray) ----------------------------------------------------------

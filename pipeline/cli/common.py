@@ -68,3 +68,13 @@ def _load(model_type: Any, spec: Optional[Path], overrides: dict) -> Any:
         _fail(str(exc))
 
 
+def run_job_cli(job: Any, verbose: bool) -> None:
+    """Run a validated JobConfig with the progress bar; map its end to the exit code."""
+    from pipeline.report import run_with_progress
+
+    try:
+        summary = run_with_progress(job, verbose)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if summary.status != "succeeded":
+        raise typer.Exit(1 if summary.status != "interrupted" else 130)

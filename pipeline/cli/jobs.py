@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.cli.common import (
-    GpusPerReplica, MaxTokens, Model, Replicas, Seed, Temperature, TensorParallel, Verbose, _load, console, out,
+    GpusPerReplica, MaxTokens, Model, Replicas, Seed, Temperature, TensorParallel, Verbose, _fail, _load, console, out, run_job_cli,
 )
 from pipeline.config import ConfigError, Task
 
@@ -82,25 +82,13 @@ def submit(
         raise typer.Exit(1)
 
 
-def _fail(message: str) -> None:
-    """One line on stderr (never wrapped, even when stderr is not a terminal), exit code 2."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
 def _run_here(spec: Path, overrides: dict, verbose: bool) -> None:
     """No cluster address: the same code path as `run --spec SPEC` (flags over the spec)."""
     from pipeline.config import JobConfig
-    from pipeline.report import run_with_progress
 
     job: JobConfig = _load(JobConfig, spec, overrides)
     console.print("no --address or RAY_ADDRESS: running here, as `gpt2-pipeline run --spec` would", highlight=False)
-    try:
-        summary = run_with_progress(job, verbose)
-    except ConfigError as exc:
-        _fail(str(exc))
-    if summary.status != "succeeded":
-        raise typer.Exit(1 if summary.status != "interrupted" else 130)
+    run_job_cli(job, verbose)
 
 
 def _write(chunk: str) -> None:

@@ -28,10 +28,11 @@ def ttft(url: str, max_tokens: int = 16) -> float:
     start = time.monotonic()
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
+        lines = r.iter_lines()
+        for line in lines:
             if line.startswith("data: ") and '"text": "' in line:
                 first = time.monotonic() - start
-                for _ in r.iter_lines():
+                for _ in lines:  # read the rest of the stream
                     pass
                 return first
     raise RuntimeError("no token arrived")

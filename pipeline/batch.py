@@ -164,7 +164,8 @@ def run_job(
     )
     meta = {io.METADATA_KEY: _json({"job": fingerprint, "model": job.engine.model, "versions": versions()})}
 
-    init_ray(job.address, job.num_cpus, verbose)
+    # --via-serve needs the cluster that runs the Serve app: join the running one, never start one.
+    init_ray(job.address or ("auto" if job.via_serve else None), job.num_cpus, verbose)
     import ray
     import ray.data
 

@@ -113,6 +113,16 @@ async def stream(engine: Engine, req: CompletionRequest, job: Prepared, model: s
     usage = Usage(prompt_tokens=sum(len(ids) for _, ids in job.prompts))
     offsets: dict[int, int] = {}
 
+    def event(choices: list[dict]) -> str:  # plain dicts in OpenAI's field order: this is the hot path
+        return _sse({"id": template.id, "choices": choices, "created": template.created, "model": model,
+                     "object": "text_completion"})
+
+    def choice(index: int, s: Sample) -> dict:
+        lp = _logprobs(s, offsets.get(index, 0))
+        offsets[index] = offsets.get(index, 0) + len(s.text)
+        return {"finish_reason": s.finish_reason, "index": index, "logprobs": lp.model_dump() if lp else None,
+                "text": s.text}
+
     async def pump(i: int, ids: list[int]) -> None:
         try:
             async for chunk in engine.generate(ids, job.sampling, stream=True, priority=priority):
@@ -127,26 +137,28 @@ async def stream(engine: Engine, req: CompletionRequest, job: Prepared, model: s
             for i, (text, _) in enumerate(job.prompts):
                 for k in range(n):
                     offsets[i * n + k] = len(text)
-                    yield _sse(template.model_copy(update={"choices": [CompletionChoice(index=i * n + k, text=text)]}).model_dump())
-        remaining = len(tasks)
-        while remaining:
-            i, chunk = await queue.get()
-            if chunk is None:
-                remaining -= 1
-                continue
-            if isinstance(chunk, BaseException):
-                yield _sse(error_event(chunk))
-                break
-            meter.first_token()
-            choices = []
-            for s in chunk:
-                index = i * n + s.index
-                usage.completion_tokens += len(s.token_ids)
-                choices.append(CompletionChoice(index=index, text=s.text, finish_reason=s.finish_reason,
-                                                logprobs=_logprobs(s, offsets.get(index, 0))))
-                offsets[index] = offsets.get(index, 0) + len(s.text)
-            yield _sse(template.model_copy(update={"choices": choices}).model_dump(exclude={"usage"}))
-        else:
+                    yield event([{"finish_reason": None, "index": i * n + k, "logprobs": None, "text": text}])
+        remaining, failed = len(tasks), False
+        while remaining and not failed:
+            # Send everything that is ready in one write: under load, fewer, larger chunks.
+            ready = [await queue.get()]
+            while not queue.empty():
+                ready.append(queue.get_nowait())
+            events = []
+            for i, chunk in ready:
+                if chunk is None:
+                    remaining -= 1
+                elif isinstance(chunk, BaseException):
+                    events.append(_sse(error_event(chunk)))
+                    failed = True
+                    break
+                else:
+                    meter.first_token()
+                    usage.completion_tokens += sum(len(s.token_ids) for s in chunk)
+                    events.append(event([choice(i * n + s.index, s) for s in chunk]))
+            if events:
+                yield "".join(events)
+        if not failed:
             usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse(template.model_copy(update={"usage": usage}).model_dump())

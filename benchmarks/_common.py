@@ -122,7 +122,9 @@ class TreeStats:
     samples: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        mib = lambda b: round(b / 2**20, 1)  # noqa: E731
+        def mib(b: int) -> float:
+            return round(b / 2**20, 1)
+
         foreign = max(0.0, self.system_busy_cpu_s - self.tree_cpu_s)
         return {
             "peak_driver_rss_mib": mib(self.peak_driver_rss),

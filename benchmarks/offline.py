@@ -298,7 +298,7 @@ def run_ours(a: argparse.Namespace, prompts: Path, work: Path, rows: int, replic
     res["summary"] = summary
     if run.timed_out or not summary or summary.get("status") != "succeeded":
         res["status"] = "error"
-        res["error"] = ("timed out after %ds; " % a.timeout if run.timed_out else "") + \
+        res["error"] = (f"timed out after {a.timeout:.0f}s; " if run.timed_out else "") + \
             (f"summary status {summary.get('status')}: {summary.get('message')}" if summary else "no _summary.json") + \
             f"\n--- log tail ---\n{run.log_tail}"
         return res

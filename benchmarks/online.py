@@ -198,7 +198,8 @@ def ours_command(model: str, port: int, replicas: int, gpus_per_replica: float =
     exe = shutil.which("gpt2-pipeline")
     base = [exe] if exe else [sys.executable, "-m", "pipeline"]
     try:
-        help_run = subprocess.run(base + ["serve", "--help"], capture_output=True, text=True, timeout=120, env=bench_env())
+        help_run = subprocess.run(base + ["serve", "--help"], capture_output=True, text=True, timeout=120,
+                                  env=bench_env(), check=False)
     except subprocess.TimeoutExpired:
         return None, ["`gpt2-pipeline serve --help` did not answer within 120 s"]
     text = help_run.stdout + help_run.stderr
@@ -225,9 +226,9 @@ def start(server: Server) -> None:
     from _common import TreeMonitor, bench_env
 
     server.log.parent.mkdir(parents=True, exist_ok=True)
-    log = open(server.log, "w")
-    server.proc = subprocess.Popen(server.cmd, stdout=log, stderr=subprocess.STDOUT, env=bench_env(),
-                                   start_new_session=True)
+    with open(server.log, "w") as log:  # the child keeps its own copy of the descriptor
+        server.proc = subprocess.Popen(server.cmd, stdout=log, stderr=subprocess.STDOUT, env=bench_env(),
+                                       start_new_session=True)
     server.monitor = TreeMonitor(server.proc.pid, interval=1.0).start()
 
 
@@ -363,10 +364,10 @@ def compare(systems: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if "vllm" not in by or "ours" not in by:
         return []
     rows = []
+    keys = ("requests_per_s", "output_tokens_per_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s")
     for lv, lo in zip(by["vllm"]["levels"], by["ours"]["levels"]):
-        ratio = lambda k: (lo[k] / lv[k]) if lo.get(k) and lv.get(k) else None  # noqa: E731
-        rows.append({"concurrency": lv["concurrency"], **{f"{k}_ours_over_vllm": ratio(k) for k in (
-            "requests_per_s", "output_tokens_per_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s")}})
+        rows.append({"concurrency": lv["concurrency"],
+                     **{f"{k}_ours_over_vllm": (lo[k] / lv[k]) if lo.get(k) and lv.get(k) else None for k in keys}})
     return rows
 
 
@@ -480,7 +481,7 @@ def main() -> None:
     name = a.name or f"online-{a.model.replace('/', '_')}"
     write_json(RESULTS / f"{name}.json", {"meta": meta, "systems": systems, "ours_over_vllm": ratios})
     title = (f"online, {a.model}: streaming /v1/completions, {a.max_tokens} tokens/request, "
-             f"{('%d requests' % a.requests) if a.requests else ('%gs' % a.duration)} per level")
+             f"{f'{a.requests} requests' if a.requests else f'{a.duration:g}s'} per level")
     chart(systems, RESULTS / f"{name}.png", title)
     report(systems, ratios, title)
     print(f"wrote {RESULTS / (name + '.json')} and {RESULTS / (name + '.png')}")

@@ -19,7 +19,6 @@ Runs the same prompt set through the stock CLI and through the CLI with that sin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path

@@ -414,11 +414,13 @@ def chart(systems: list[dict[str, Any]], path: Path, title: str) -> None:
         axes[1].plot(c, [lv["ttft_p95_s"] or 0 for lv in s["levels"]], marker="x", linestyle="--", label=f"{s['system']} p95")
         axes[2].plot(c, [lv["latency_p50_s"] or 0 for lv in s["levels"]], marker="o", label=f"{s['system']} p50")
         axes[2].plot(c, [lv["latency_p95_s"] or 0 for lv in s["levels"]], marker="x", linestyle="--", label=f"{s['system']} p95")
+    levels = sorted({lv["concurrency"] for s in ok for lv in s["levels"]})
     for ax, t, y in zip(axes, ("output tokens/s", "time to first token", "request latency"), ("tokens/s", "s", "s")):
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("concurrent streams")
         ax.set_ylabel(y)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(v) for v in levels])
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -19,6 +19,7 @@ Runs the same prompt set through the stock CLI and through the CLI with that sin
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -60,7 +61,7 @@ def main() -> None:
     a = p.parse_args()
 
     import offline
-    from _common import RESULTS, machine, versions, wait_idle, write_json
+    from _common import RESULTS, machine, versions, write_json
 
     from pipeline.prompts import write_prompt_set
 
@@ -72,6 +73,21 @@ def main() -> None:
     variants = (("stock", stock), ("max_concurrent_calls_per_actor=4",
                                     lambda: [sys.executable, str(HERE), "--as-patched-cli"]))
     runs = []
+    try:
+        _run(a, args, prompts, work, variants, runs)
+    finally:
+        offline._cli = stock
+        shutil.rmtree(work, ignore_errors=True)
+    out = RESULTS / f"experiment-actor-concurrency-{a.model}.json"
+    write_json(out, {"meta": {"model": a.model, "rows": a.rows, "max_tokens": a.max_tokens, "machine": machine(),
+                              "versions": versions()}, "runs": runs})
+    print(f"wrote {out}")
+
+
+def _run(a, args, prompts, work, variants, runs) -> None:
+    import offline
+    from _common import wait_idle
+
     for name, cli in variants:
         offline._cli = cli
         idle = wait_idle(a.wait_idle)
@@ -85,11 +101,6 @@ def main() -> None:
         runs.append(r)
         print(f"{name}: {r.get('status')}, wall {r['wall_s']:.1f} s, first shard {r.get('first_output_s') or 0:.1f} s, "
               f"last shard {r.get('last_output_s') or 0:.1f} s, shard times {r['shard_commit_times_s']}", flush=True)
-    offline._cli = stock
-    out = RESULTS / f"experiment-actor-concurrency-{a.model}.json"
-    write_json(out, {"meta": {"model": a.model, "rows": a.rows, "max_tokens": a.max_tokens, "machine": machine(),
-                              "versions": versions()}, "runs": runs})
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from typing import Annotated, Optional
 
@@ -67,6 +68,7 @@ def serve(
     url = start(cfg, verbose)
     out.print(f"serving {cfg.engine.name} at {url}/v1 (Serve app {cfg.name!r}); "
               f"{'API key required' if cfg.api_key else 'no API key'}", highlight=False)
+    sys.stdout.flush()  # scripts and log files wait for this line: don't leave it in a block buffer
     if detach:
         return
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` and container stops shut down cleanly too

@@ -27,7 +27,14 @@ from pipeline import io
 from pipeline.config import ConfigError, EngineConfig, JobConfig, Task
 from pipeline.records import ID, RowSpec, process_batch, summarize
 
-TASKS_IN_FLIGHT_PER_REPLICA = 4
+MIN_BLOCKS_PER_REPLICA = 4
+MAX_BLOCKS_PER_REPLICA = 32
+
+
+def blocks_per_replica(max_num_seqs: int, batch_size: int) -> int:
+    """Blocks each replica runs at once: enough rows to fill the engine's batch, plus one block
+    already inside when another finishes, so the paged-attention scheduler never drains."""
+    return max(MIN_BLOCKS_PER_REPLICA, min(MAX_BLOCKS_PER_REPLICA, -(-max_num_seqs // batch_size) + 1))
 
 
 class JobAborted(RuntimeError):
@@ -226,8 +233,10 @@ def run_job(
 def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec) -> Any:
     import ray.data
 
+    # The actors are async: concurrent calls put several blocks inside one engine at once.
+    blocks = blocks_per_replica(job.engine.max_num_seqs, job.batch_size)
     compute = ray.data.ActorPoolStrategy(
-        size=job.engine.replicas, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_REPLICA
+        size=job.engine.replicas, max_tasks_in_flight_per_actor=blocks, max_concurrent_calls_per_actor=blocks,
     )
     if job.via_serve:
         return ds.map_batches(

@@ -128,3 +128,11 @@ def test_nonempty_output_is_refused_before_engines_start(tmp_path):
     with pytest.raises(ConfigError, match="not empty"):
         run_job(JobConfig(input=str(src), output=str(tmp_path / "out")))
     assert (tmp_path / "out" / "x").read_text() == "keep me"
+
+
+def test_each_replica_holds_enough_blocks_to_fill_the_engine():
+    from pipeline.batch import blocks_per_replica
+
+    assert blocks_per_replica(256, 64) == 5  # 4 blocks fill 256 sequences, one more waits inside
+    assert blocks_per_replica(256, 1) == 32  # bounded: many tiny blocks are not worth more actors' calls
+    assert blocks_per_replica(8, 64) == 4

@@ -71,6 +71,7 @@ def test_engine_actor_and_node_failures_lose_and_duplicate_nothing():
         [sys.executable, str(ROOT / "benchmarks" / "faults.py"), "--rows", "64", "--faults", "kill-actor,remove-node"],
         capture_output=True, text=True, timeout=1200, cwd=ROOT,
     )
+    assert "{" in proc.stdout, proc.stderr[-3000:]
     # Ray may print worker log lines after the report: decode the first JSON object only
     report, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{"):])
     assert report["duplicates"] == 0 and report["lost"] == 0, report

@@ -163,7 +163,7 @@ class Server:
     notes: list[str] = field(default_factory=list)
 
 
-def vllm_command(model: str, port: int) -> tuple[list[str], dict[str, Any]]:
+def vllm_command(model: str, port: int, stream_interval: int = 1) -> tuple[list[str], dict[str, Any]]:
     """vLLM's own OpenAI server with our engine's arguments (read from ``_engine_args``)."""
     from offline import engine_kwargs  # the same helper as the offline benchmark
 
@@ -187,11 +187,13 @@ def vllm_command(model: str, port: int) -> tuple[list[str], dict[str, Any]]:
         cmd += ["--no-enable-chunked-prefill"]
     if kw.get("disable_log_stats"):
         cmd += ["--disable-log-stats"]
+    cmd += ["--stream-interval", str(stream_interval)]
     cmd += ["--disable-uvicorn-access-log", "--host", "127.0.0.1", "--port", str(port)]
     return cmd, kw
 
 
-def ours_command(model: str, port: int, replicas: int, gpus_per_replica: float = 0.0) -> tuple[Optional[list[str]], list[str]]:
+def ours_command(model: str, port: int, replicas: int, gpus_per_replica: float = 0.0, ingress: Optional[str] = None,
+                 stream_interval: int = 1) -> tuple[Optional[list[str]], list[str]]:
     """``gpt2-pipeline serve ...`` if that command exists; else None and the reason."""
     from _common import bench_env
 
@@ -214,6 +216,12 @@ def ours_command(model: str, port: int, replicas: int, gpus_per_replica: float =
         cmd += ["--host", "127.0.0.1"]
     if gpus_per_replica:
         cmd += ["--gpus-per-replica", str(gpus_per_replica)]
+    if "--no-access-log" in text:
+        cmd += ["--no-access-log"]  # as vLLM's --disable-uvicorn-access-log
+    if ingress:
+        cmd += ["--ingress", ingress]
+    if stream_interval != 1:
+        cmd += ["--stream-interval", str(stream_interval)]
     if "--no-embeddings" in text:
         cmd += ["--no-embeddings"]  # generation only, like the vLLM server (no second engine)
         notes.append("started with --no-embeddings")
@@ -295,8 +303,9 @@ def tail(path: Path, n: int = 25) -> str:
         return ""
 
 
-def warm_up(base_url: str, model: str, max_tokens: int) -> None:
-    r = asyncio.run(run_level(base_url, model, ["Hello, I'm a language model,"], 2, None, 4, max_tokens, 1.0, True, 120))
+def warm_up(base_url: str, model: str, max_tokens: int, prompts: list[str]) -> None:
+    """10 s at 8 streams: both servers reach steady state (caches, lazy imports) before measuring."""
+    r = asyncio.run(run_level(base_url, model, prompts, 8, 10.0, None, max_tokens, 1.0, True, 120, seed=99))
     if r["ok"] == 0:
         raise RuntimeError(f"warm-up failed: {r['error_kinds']}")
 
@@ -330,11 +339,13 @@ def run_system(a: argparse.Namespace, system: str, work: Path, prompts: list[str
     port = free_port()
     out: dict[str, Any] = {"system": system}
     if system == "vllm":
-        cmd, kw = vllm_command(a.model, port)
+        cmd, kw = vllm_command(a.model, port, a.stream_interval)
         out["engine_kwargs"] = {k: str(v) for k, v in kw.items()}
         notes: list[str] = []
     else:
-        cmd, notes = ours_command(a.model, port, a.replicas, a.gpus_per_replica)
+        # "ours": the default (auto ingress: direct on this embedded Ray); "ours-proxy": through Serve's proxy
+        ingress = system.split("-", 1)[1] if "-" in system else None
+        cmd, notes = ours_command(a.model, port, a.replicas, a.gpus_per_replica, ingress, a.stream_interval)
         if cmd is None:
             print(f"skipping ours: {notes[0]}", flush=True)
             return {**out, "status": "skipped", "reason": notes[0]}
@@ -346,7 +357,7 @@ def run_system(a: argparse.Namespace, system: str, work: Path, prompts: list[str
         wait_ready(server, a.model, a.startup_timeout)
         out["startup_s"] = server.startup_s
         print(f"    ready after {server.startup_s:.1f} s", flush=True)
-        warm_up(server.base_url, a.model, a.max_tokens)
+        warm_up(server.base_url, a.model, a.max_tokens, prompts)
         out["levels"] = measure(a, system, server.base_url, prompts)
         out["status"] = "ok"
     except Exception as exc:
@@ -361,13 +372,14 @@ def run_system(a: argparse.Namespace, system: str, work: Path, prompts: list[str
 def compare(systems: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Ours / vLLM per concurrency level (throughput: >1 is better; latency: <1 is better)."""
     by = {s["system"]: s for s in systems if s.get("status") == "ok"}
-    if "vllm" not in by or "ours" not in by:
+    if "vllm" not in by:
         return []
     rows = []
     keys = ("requests_per_s", "output_tokens_per_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s")
-    for lv, lo in zip(by["vllm"]["levels"], by["ours"]["levels"]):
-        rows.append({"concurrency": lv["concurrency"],
-                     **{f"{k}_ours_over_vllm": (lo[k] / lv[k]) if lo.get(k) and lv.get(k) else None for k in keys}})
+    for name in [n for n in by if n.startswith("ours")]:
+        for lv, lo in zip(by["vllm"]["levels"], by[name]["levels"]):
+            rows.append({"system": name, "concurrency": lv["concurrency"],
+                         **{f"{k}_ours_over_vllm": (lo[k] / lv[k]) if lo.get(k) and lv.get(k) else None for k in keys}})
     return rows
 
 
@@ -391,8 +403,8 @@ def report(systems: list[dict[str, Any]], ratios: list[dict[str, Any]], title: s
             print(f"  {s['system']}: {s.get('status')}: {(s.get('reason') or s.get('error') or '').splitlines()[0][:300]}")
     if ratios:
         print_table("ours / vLLM (throughput: higher is better; times: lower is better)",
-                    ["streams", "req/s", "tok/s", "TTFT p50", "TTFT p95", "latency p50", "latency p95"],
-                    [[r["concurrency"]] + [fmt(r[f"{k}_ours_over_vllm"], 2) for k in (
+                    ["system", "streams", "req/s", "tok/s", "TTFT p50", "TTFT p95", "latency p50", "latency p95"],
+                    [[r["system"], r["concurrency"]] + [fmt(r[f"{k}_ours_over_vllm"], 2) for k in (
                         "requests_per_s", "output_tokens_per_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s",
                         "latency_p95_s")] for r in ratios])
 
@@ -432,7 +444,9 @@ def chart(systems: list[dict[str, Any]], path: Path, title: str) -> None:
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo", help="Model to serve (and the 'model' field of each request).")
-    p.add_argument("--systems", default="vllm,ours", help="Comma list, run one after the other: vllm, ours.")
+    p.add_argument("--systems", default="vllm,ours,ours-proxy",
+                   help="Comma list, run one after the other: vllm, ours (default ingress), ours-proxy, ours-direct.")
+    p.add_argument("--stream-interval", type=int, default=1, help="Tokens per streamed chunk, for every server.")
     p.add_argument("--base-url", default=None, help="Measure this running server instead (nothing is started).")
     p.add_argument("--concurrency", default="1,8,32", help="Concurrent streams per level.")
     p.add_argument("--duration", type=float, default=30.0, help="Seconds per level (closed loop).")
@@ -458,7 +472,7 @@ def main() -> None:
     prompts = make_prompts(a.prompts, seed=1)
     meta = {"benchmark": "online", "model": a.model, "concurrency": a.concurrency, "duration_s": a.duration,
             "requests_per_level": a.requests, "max_tokens": a.max_tokens, "temperature": a.temperature,
-            "ignore_eos": not a.no_ignore_eos, "replicas": a.replicas, "prompts": a.prompts,
+            "ignore_eos": not a.no_ignore_eos, "replicas": a.replicas, "stream_interval": a.stream_interval, "prompts": a.prompts,
             "machine": machine(), "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if a.base_url:
         if not a.base_url.startswith(("http://127.0.0.1", "http://localhost")):

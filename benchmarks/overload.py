@@ -71,7 +71,7 @@ def main() -> None:
 
     cfg = ServeConfig(name="overload", port=args.port, embeddings=False, max_queued_requests=args.max_queued,
                       engine={"model": args.model, "max_in_flight": args.max_in_flight})
-    url = start(cfg)
+    url, _ = start(cfg)
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:

@@ -76,7 +76,7 @@ def main() -> None:
     for limit in [int(x) for x in args.limits.split(",")]:
         cfg = ServeConfig(name="prio", port=args.port, embeddings=False, max_batch_in_flight=limit,
                           engine={"model": args.model})
-        url = start(cfg)
+        url, _ = start(cfg)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             try:

@@ -32,6 +32,14 @@ class Task(str, Enum):
     embed = "embed"
 
 
+class Ingress(str, Enum):
+    """How HTTP reaches the replicas."""
+
+    auto = "auto"      # direct on an embedded (single-node) Ray, proxy when joining a cluster
+    proxy = "proxy"    # Ray Serve's HTTP proxy routes each request (cluster-wide, autoscaling)
+    direct = "direct"  # each replica listens on the port itself (SO_REUSEPORT): one hop fewer
+
+
 class Dtype(str, Enum):
     auto = "auto"
     float32 = "float32"
@@ -97,6 +105,7 @@ class EngineConfig(_Strict):
     dtype: Dtype = Field(Dtype.auto, description="auto: float32 on CPU (exact HF parity), model dtype on GPU.")
     max_model_len: Optional[int] = Field(None, ge=16, description="Context length (default: the model's).")
     max_num_seqs: int = Field(256, ge=1, description="Sequences the paged-attention scheduler runs at once.")
+    stream_interval: int = Field(1, ge=1, le=64, description="Streaming: tokens per chunk after the first (vLLM stream_interval); larger cuts per-chunk overhead.")
     max_in_flight: int = Field(512, ge=1, description="Requests a replica accepts at once (a semaphore).")
     gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0, description="Default 0.9 GPU, 0.3 CPU.")
     kv_cache_gib: Optional[float] = Field(None, gt=0.0, description="CPU only: KV-cache size (default 2 GiB).")
@@ -162,6 +171,8 @@ class ServeConfig(_Strict):
     max_queued_requests: int = Field(256, ge=0, description="Requests a replica lets wait beyond engine.max_in_flight before answering 429.")
     max_batch_in_flight: int = Field(64, ge=1, description="Batch-job rows a replica runs at once (online first).")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    ingress: Ingress = Field(Ingress.auto, description="auto: direct on an embedded Ray, Serve's proxy on a cluster.")
+    access_log: bool = Field(True, description="Serve's per-request access log (proxy and replicas).")
     max_prompts_per_request: int = Field(256, ge=1)
     min_replicas: Optional[int] = Field(None, ge=0, description="Autoscaling lower bound (enables autoscaling).")
     max_replicas: Optional[int] = Field(None, ge=1, description="Autoscaling upper bound.")
@@ -169,6 +180,19 @@ class ServeConfig(_Strict):
     address: Optional[str] = None
     num_cpus: Optional[int] = Field(None, ge=1)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @model_validator(mode="after")
+    def _direct_has_fixed_replicas(self) -> "ServeConfig":
+        if self.ingress == Ingress.direct and (self.min_replicas is not None or self.max_replicas is not None):
+            raise ValueError("autoscaling needs Serve's proxy to count requests: use ingress 'proxy' (or 'auto' on a cluster)")
+        return self
+
+    def resolved_ingress(self, embedded: bool) -> Ingress:
+        """``auto``: direct when Ray is embedded and replicas are fixed, else Serve's proxy."""
+        if self.ingress != Ingress.auto:
+            return Ingress(self.ingress)
+        fixed = self.min_replicas is None and self.max_replicas is None
+        return Ingress.direct if embedded and fixed else Ingress.proxy
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -88,6 +88,7 @@ def _engine_args(config: EngineConfig, task: Task, priority_scheduling: bool) ->
         enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
         gpu_memory_utilization=config.gpu_memory_utilization or (0.3 if on_cpu else 0.9),
         disable_log_stats=True,
+        stream_interval=config.stream_interval,
         seed=0,
     )
     if on_cpu:

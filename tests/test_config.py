@@ -71,3 +71,15 @@ def test_sampling_kwargs_and_row_overrides():
 def test_serve_config_defaults_are_safe():
     cfg = ServeConfig()
     assert cfg.host == "127.0.0.1" and cfg.api_key is None
+
+
+def test_ingress_auto_is_direct_only_on_an_embedded_ray_with_fixed_replicas():
+    from pipeline.config import Ingress
+
+    assert ServeConfig().resolved_ingress(embedded=True) == Ingress.direct
+    assert ServeConfig().resolved_ingress(embedded=False) == Ingress.proxy
+    assert ServeConfig(min_replicas=1, max_replicas=2).resolved_ingress(embedded=True) == Ingress.proxy
+    resolved = ServeConfig(ingress="proxy").resolved_ingress(embedded=True)
+    assert resolved == Ingress.proxy and isinstance(resolved, Ingress)
+    with pytest.raises(ConfigError, match="autoscaling needs Serve's proxy"):
+        build(ServeConfig, {"ingress": "direct", "max_replicas": 2}, {})

@@ -13,7 +13,7 @@ from pipeline.cli.common import (
     Address, DtypeOpt, GpusPerReplica, MaxModelLen, Model, Replicas, Spec, TensorParallel, Verbose, _engine_flags,
     _load, console, out,
 )
-from pipeline.config import ServeConfig
+from pipeline.config import Ingress, ServeConfig
 
 app = typer.Typer()
 
@@ -34,6 +34,9 @@ def serve(
                                                    help="Require 'Authorization: Bearer KEY' on all routes but health.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Serve application name (for run --via-serve).")] = None,
     embeddings: Annotated[Optional[bool], typer.Option("--embeddings/--no-embeddings", help="Serve /v1/embeddings (a second, pooling engine).")] = None,
+    stream_interval: Annotated[Optional[int], typer.Option(help="Streaming: tokens per SSE chunk after the first (default 1).")] = None,
+    ingress: Annotated[Optional[Ingress], typer.Option(help="direct: replicas listen on the port (one hop fewer); proxy: Ray Serve's HTTP proxy; auto: direct on an embedded Ray.")] = None,
+    access_log: Annotated[Optional[bool], typer.Option("--access-log/--no-access-log", help="Log every request (default on).")] = None,
     max_queued_requests: Annotated[Optional[int], typer.Option(help="Requests waiting per replica before 429.")] = None,
     max_batch_in_flight: Annotated[Optional[int], typer.Option(help="Batch-job rows a replica runs at once.")] = None,
     min_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling: fewest replicas (enables autoscaling).")] = None,
@@ -46,11 +49,13 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API on Ray Serve (Ctrl-C stops it)."""
     overrides = {
-        "host": host, "port": port, "api_key": api_key, "name": name, "embeddings": embeddings,
+        "host": host, "port": port, "api_key": api_key, "name": name, "embeddings": embeddings, "access_log": access_log,
+        "ingress": ingress.value if ingress else None,
         "max_queued_requests": max_queued_requests, "max_batch_in_flight": max_batch_in_flight,
         "min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing_requests": target_ongoing_requests,
         "address": address, "num_cpus": num_cpus,
-        "engine": _engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype, max_model_len),
+        "engine": {**_engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype, max_model_len),
+                   "stream_interval": stream_interval},
     }
     cfg: ServeConfig = _load(ServeConfig, spec, overrides)
     from pipeline.models import ModelNotFoundError, resolve_model
@@ -65,8 +70,8 @@ def serve(
     from pipeline.serving.server import start
 
     console.print(f"starting {cfg.engine.replicas} replica(s) of {cfg.engine.name} ...")
-    url = start(cfg, verbose)
-    out.print(f"serving {cfg.engine.name} at {url}/v1 (Serve app {cfg.name!r}); "
+    url, ingress = start(cfg, verbose)
+    out.print(f"serving {cfg.engine.name} at {url}/v1 (Serve app {cfg.name!r}, {ingress.value} ingress); "
               f"{'API key required' if cfg.api_key else 'no API key'}", highlight=False)
     sys.stdout.flush()  # scripts and log files wait for this line: don't leave it in a block buffer
     if detach:

@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Optional
 
 import pyarrow as pa
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
 
-from pipeline.config import ServeConfig, Task
+from pipeline.config import Ingress, ServeConfig, Task
 from pipeline.engine import PRIORITY_BATCH, PRIORITY_ONLINE, Engine
 from pipeline.records import RowSpec, process_batch
 from pipeline.serving import api, errors
@@ -32,24 +33,37 @@ API_KEY_ENV = "GPT2_PIPELINE_API_KEY"
 OPEN_PATHS = ("/health", "/health/ready")
 
 
+class Guard:
+    """API key (constant-time compare) and body size, checked before the body is read.
+
+    Plain ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` re-pipes every chunk of a
+    streaming response through an extra task, a cost paid per SSE event.
+    """
+
+    def __init__(self, app: Any, server: "LLMServer"):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            key, limit = self.server.api_key, self.server.cfg.max_body_bytes
+            if key and scope["path"] not in OPEN_PATHS:
+                if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {key}".encode()):
+                    return await errors.error_response(
+                        401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
+                    )(scope, receive, send)
+            length = headers.get(b"content-length", b"")
+            if length and (not length.isdigit() or int(length) > limit):
+                return await errors.error_response(413, f"request body over {limit} bytes")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def build_api(server: "LLMServer") -> FastAPI:
     """The replica's FastAPI app. Handlers only map engine results (``api``) to HTTP."""
     app = FastAPI(title="gpt2-pipeline", summary="OpenAI-compatible GPT-2 endpoint", docs_url=None, redoc_url=None)
     errors.install(app)
     cfg = server.cfg
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        """API key (constant-time compare) and body size, checked before the body is parsed."""
-        if server.api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
-                return errors.error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                             code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length and (not length.isdigit() or int(length) > cfg.max_body_bytes):
-            return errors.error_response(413, f"request body over {cfg.max_body_bytes} bytes")
-        return await call_next(request)
+    app.add_middleware(Guard, server=server)
 
     @app.get("/health")
     async def health() -> dict:
@@ -93,10 +107,25 @@ def build_api(server: "LLMServer") -> FastAPI:
     return app
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket that the replicas on one node share: the kernel spreads connections."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror} (is another server on that port?)") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
 @serve.deployment(name="LLMServer")
 @serve.ingress()
 class LLMServer:
-    def __init__(self, cfg: ServeConfig):
+    async def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.name = cfg.engine.name
         self.api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
@@ -110,6 +139,17 @@ class LLMServer:
         self.active = 0
         self.batch_jobs: dict[str, int] = {}
         self._batch_slots: Optional[asyncio.Semaphore] = None
+        self._http: Optional[asyncio.Task] = None
+        if cfg.ingress == Ingress.direct:
+            self._http = asyncio.create_task(self._serve_http(listen(cfg.host, cfg.port)))
+
+    async def _serve_http(self, sock: socket.socket) -> None:
+        """Direct ingress: this replica answers HTTP itself, on this event loop (no proxy hop)."""
+        import uvicorn
+
+        config = uvicorn.Config(build_api(self), lifespan="off", log_level="warning", access_log=self.cfg.access_log,
+                                timeout_keep_alive=30)
+        await uvicorn.Server(config).serve(sockets=[sock])
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -192,6 +232,7 @@ def build_app(cfg: ServeConfig) -> Any:
         max_queued_requests=4 * (engine.max_in_flight + cfg.max_queued_requests) + 256,
         health_check_period_s=10,
         health_check_timeout_s=60,
+        logging_config={"enable_access_log": cfg.access_log},
     )
     if cfg.min_replicas is not None or cfg.max_replicas is not None:
         options["autoscaling_config"] = {
@@ -214,11 +255,17 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_app(build(ServeConfig, flat, {"engine": engine}))
 
 
-def start(cfg: ServeConfig, verbose: bool = False) -> str:
-    """Deploy on the Ray cluster (embedded if no address); return the base URL once ready."""
+def start(cfg: ServeConfig, verbose: bool = False) -> tuple[str, Ingress]:
+    """Deploy on the Ray cluster (embedded if no address); once ready, return the base URL and
+    the ingress in use."""
+    from ray.serve.config import ProxyLocation
+
     from pipeline.runtime import init_ray
 
+    embedded = not (cfg.address or os.environ.get("RAY_ADDRESS"))
+    cfg = cfg.model_copy(update={"ingress": cfg.resolved_ingress(embedded)})
     init_ray(cfg.address, cfg.num_cpus, verbose)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": cfg.access_log},
+                proxy_location=ProxyLocation.Disabled if cfg.ingress == Ingress.direct else None)
     serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
-    return f"http://{cfg.host}:{cfg.port}"
+    return f"http://{cfg.host}:{cfg.port}", cfg.ingress

@@ -48,6 +48,7 @@ def test_api_key_required_except_health(keyed_server):
     text = log.read_text()
     assert "s3cret-key" not in text  # the key is never logged
     assert f"serving demo at {url}/v1" in text  # loopback by default
+    assert "direct ingress" in text  # embedded Ray, fixed replicas: the replica answers HTTP itself
 
 
 def test_embeddings_disabled_is_a_clear_404(keyed_server):

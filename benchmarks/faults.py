@@ -95,7 +95,10 @@ def main() -> int:
     workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     job = JobConfig(input=str(work / "in.parquet"), output=str(out), batch_size=args.batch_size,
-                    address=cluster.address, engine={"replicas": 2},
+                    address=cluster.address,
+                    # one block inside each engine at a time: shards commit one by one, so every
+                    # fault lands while rows are still in flight
+                    engine={"replicas": 2, "max_num_seqs": args.batch_size},
                     sampling={"max_tokens": args.max_tokens, "ignore_eos": True, "seed": 0})
     result: dict = {}
 

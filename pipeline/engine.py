@@ -12,6 +12,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -195,10 +196,12 @@ class Engine:
         async with self._semaphore():
             self.in_flight += 1
             try:
-                async for out in self._llm.generate(
+                # aclosing: a consumer that stops early aborts the request inside vLLM at once
+                async with aclosing(self._llm.generate(
                     TokensPrompt(prompt_token_ids=prompt_ids), params, rid, priority=priority
-                ):
-                    yield [self._sample(o, sampling.logprobs) for o in out.outputs]
+                )) as outputs:
+                    async for out in outputs:
+                        yield [self._sample(o, sampling.logprobs) for o in out.outputs]
             except EngineDeadError as exc:
                 raise EngineFatalError(f"vLLM engine died: {exc}") from exc
             finally:

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -104,8 +105,8 @@ async def stream(engine: Engine, req: CompletionRequest, job: Prepared, model: s
                  meter: Meter) -> AsyncIterator[str]:
     """SSE events, one per delta per choice, then usage (if asked) and ``[DONE]``.
 
-    If the client goes away, the generator is closed: the pump tasks are cancelled, which
-    aborts their requests inside vLLM and frees the slots.
+    If the client goes away, the generator is closed: the engine streams are cancelled or closed,
+    which aborts their requests inside vLLM and frees the slots.
     """
     n = job.sampling.n
     queue: asyncio.Queue = asyncio.Queue()
@@ -131,19 +132,34 @@ async def stream(engine: Engine, req: CompletionRequest, job: Prepared, model: s
         except Exception as exc:  # surfaced to the client as an error event
             await queue.put((i, exc))
 
-    tasks = [asyncio.create_task(pump(i, ids)) for i, (_, ids) in enumerate(job.prompts)]
+    async def merged() -> AsyncIterator[list[tuple[int, Any]]]:
+        """(prompt index, chunk | None at its end | exception) batches, in arrival order."""
+        if len(job.prompts) == 1:  # the common case: no task or queue hop per token
+            try:
+                async with aclosing(engine.generate(job.prompts[0][1], job.sampling, stream=True, priority=priority)) as chunks:
+                    async for chunk in chunks:
+                        yield [(0, chunk)]
+                yield [(0, None)]
+            except Exception as exc:
+                yield [(0, exc)]
+            return
+        while True:  # several prompts: everything ready goes in one write (fewer, larger chunks)
+            ready = [await queue.get()]
+            while not queue.empty():
+                ready.append(queue.get_nowait())
+            yield ready
+
+    tasks = [asyncio.create_task(pump(i, ids)) for i, (_, ids) in enumerate(job.prompts)] if len(job.prompts) > 1 else []
+    batches = merged()
     try:
         if req.echo:
             for i, (text, _) in enumerate(job.prompts):
                 for k in range(n):
                     offsets[i * n + k] = len(text)
                     yield event([{"finish_reason": None, "index": i * n + k, "logprobs": None, "text": text}])
-        remaining, failed = len(tasks), False
+        remaining, failed = len(job.prompts), False
         while remaining and not failed:
-            # Send everything that is ready in one write: under load, fewer, larger chunks.
-            ready = [await queue.get()]
-            while not queue.empty():
-                ready.append(queue.get_nowait())
+            ready = await batches.__anext__()
             events = []
             for i, chunk in ready:
                 if chunk is None:
@@ -167,6 +183,7 @@ async def stream(engine: Engine, req: CompletionRequest, job: Prepared, model: s
     finally:
         for t in tasks:
             t.cancel()
+        await batches.aclose()  # one prompt: closing the engine stream aborts it inside vLLM
 
 
 async def embed(engine: Engine, req: EmbeddingRequest, model: str, max_prompts: int, priority: int,

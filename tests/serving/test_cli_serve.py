@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -25,6 +26,11 @@ def keyed_server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url)
+        # a direct-ingress replica answers as soon as it listens; the CLI prints its banner once
+        # Serve reports the whole application ready, a moment later
+        deadline = time.monotonic() + 180
+        while "serving demo at" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(1)
         yield url, log
     finally:
         proc.send_signal(signal.SIGINT)
@@ -60,7 +66,6 @@ def test_embeddings_disabled_is_a_clear_404(keyed_server):
 def test_replica_death_is_replaced_and_traffic_recovers(keyed_server):
     """Kill the replica's actor (and its vLLM engine) during traffic: Serve replaces it."""
     import threading
-    import time
 
     import psutil
 

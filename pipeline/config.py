@@ -181,9 +181,14 @@ class ServeConfig(_Strict):
     num_cpus: Optional[int] = Field(None, ge=1)
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
+    @property
+    def autoscaling(self) -> bool:
+        """Either replica bound given: Serve autoscaling instead of a fixed replica count."""
+        return self.min_replicas is not None or self.max_replicas is not None
+
     @model_validator(mode="after")
     def _direct_has_fixed_replicas(self) -> "ServeConfig":
-        if self.ingress == Ingress.direct and (self.min_replicas is not None or self.max_replicas is not None):
+        if self.ingress == Ingress.direct and self.autoscaling:
             raise ValueError("autoscaling needs Serve's proxy to count requests: use ingress 'proxy' (or 'auto' on a cluster)")
         return self
 
@@ -191,8 +196,7 @@ class ServeConfig(_Strict):
         """``auto``: direct when Ray is embedded and replicas are fixed, else Serve's proxy."""
         if self.ingress != Ingress.auto:
             return Ingress(self.ingress)
-        fixed = self.min_replicas is None and self.max_replicas is None
-        return Ingress.direct if embedded and fixed else Ingress.proxy
+        return Ingress.direct if embedded and not self.autoscaling else Ingress.proxy
 
 
 def format_validation_error(exc: ValidationError) -> str:

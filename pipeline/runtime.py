@@ -28,6 +28,11 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def ray_address(address: Optional[str] = None) -> Optional[str]:
+    """The cluster to join: ``address``, else RAY_ADDRESS; None means an embedded local Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verbose: bool = False) -> None:
     """Connect to ``address`` (or RAY_ADDRESS), else start an embedded local Ray."""
     import ray
@@ -35,7 +40,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verb
     if ray.is_initialized():
         return
     os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = ray_address(address)
     kwargs: dict = dict(
         runtime_env={"env_vars": worker_env()},
         log_to_driver=verbose,

@@ -124,24 +124,26 @@ async def stream(engine: Engine, req: CompletionRequest, job: Prepared, model: s
         return {"finish_reason": s.finish_reason, "index": index, "logprobs": lp.model_dump() if lp else None,
                 "text": s.text}
 
-    async def pump(i: int, ids: list[int]) -> None:
+    async def tagged(i: int, ids: list[int]) -> AsyncIterator[tuple[int, Any]]:
+        """(i, delta) as tokens arrive, then (i, None); a failure ends it as (i, exception)."""
         try:
-            async for chunk in engine.generate(ids, job.sampling, stream=True, priority=priority):
-                await queue.put((i, chunk))
-            await queue.put((i, None))
+            async with aclosing(engine.generate(ids, job.sampling, stream=True, priority=priority)) as chunks:
+                async for chunk in chunks:
+                    yield i, chunk
+            yield i, None
         except Exception as exc:  # surfaced to the client as an error event
-            await queue.put((i, exc))
+            yield i, exc
+
+    async def pump(i: int, ids: list[int]) -> None:
+        async for item in tagged(i, ids):
+            await queue.put(item)
 
     async def merged() -> AsyncIterator[list[tuple[int, Any]]]:
-        """(prompt index, chunk | None at its end | exception) batches, in arrival order."""
+        """Batches of ``tagged`` items in arrival order."""
         if len(job.prompts) == 1:  # the common case: no task or queue hop per token
-            try:
-                async with aclosing(engine.generate(job.prompts[0][1], job.sampling, stream=True, priority=priority)) as chunks:
-                    async for chunk in chunks:
-                        yield [(0, chunk)]
-                yield [(0, None)]
-            except Exception as exc:
-                yield [(0, exc)]
+            async with aclosing(tagged(0, job.prompts[0][1])) as items:
+                async for item in items:
+                    yield [item]
             return
         while True:  # several prompts: everything ready goes in one write (fewer, larger chunks)
             ready = [await queue.get()]

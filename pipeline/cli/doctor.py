@@ -28,7 +28,7 @@ def doctor(
     quiet_vllm(False)
     result = report(address, timeout)
     if as_json:
-        out.print_json(json.dumps(result, default=str))
+        typer.echo(json.dumps(result, indent=2, default=str))
         return
     _print(result)
 

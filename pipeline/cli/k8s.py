@@ -32,6 +32,7 @@ def render(
     head_memory: Annotated[Optional[str], typer.Option(help="Head pod memory (default 16Gi).")] = None,
     hf_cache_pvc: Annotated[Optional[str], typer.Option(help="PVC holding a Hugging Face cache (hub models), mounted read-only.")] = None,
     api_key_secret: Annotated[Optional[str], typer.Option(help="Serve: Secret whose key 'api-key' is the API key.")] = None,
+    service_account: Annotated[Optional[str], typer.Option(help="ServiceAccount for the pods (e.g. bound to an IAM role for s3:// input/output).")] = None,
     replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, tensor_parallel_size: TensorParallel = None,
     input: Annotated[Optional[str], typer.Option("--input", help="Job: override the spec's input (passed to `run` in the entrypoint).")] = None,
     output: Annotated[Optional[str], typer.Option("--output", help="Job: override the spec's output, e.g. s3://BUCKET/PREFIX (passed to `run`).")] = None,
@@ -50,7 +51,7 @@ def render(
     given = {"kind": kind.value, "image": image, "namespace": namespace, "name": name, "workers": workers,
              "gpus_per_worker": gpus_per_worker, "cpus_per_worker": cpus_per_worker,
              "memory_per_worker": memory_per_worker, "head_cpus": head_cpus, "head_memory": head_memory,
-             "hf_cache_pvc": hf_cache_pvc, "api_key_secret": api_key_secret, "input": input, "output": output,
+             "hf_cache_pvc": hf_cache_pvc, "api_key_secret": api_key_secret, "service_account": service_account, "input": input, "output": output,
              "replicas": replicas, "gpus_per_replica": gpus_per_replica, "tensor_parallel_size": tensor_parallel_size}
     try:
         opts = k8s.K8sOptions.model_validate({k: v for k, v in given.items() if v is not None})

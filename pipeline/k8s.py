@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-import shlex
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
@@ -224,15 +223,28 @@ def _config_map(name: str, opts: K8sOptions, spec_text: str, instance: str) -> d
 
 
 # ---- the two resources ------------------------------------------------------------------------------
+# KubeRay pastes the entrypoint unquoted into the submitter's shell command line
+# (`... ray job submit ... -- ENTRYPOINT ; fi ; ...`): flag values must be plain words.
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_.:/@%+=,~-]+")
+
+
+def _flag(key: str, value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    if not _PLAIN_WORD.fullmatch(text):
+        raise ConfigError(f"--{key.replace('_', '-')} {text!r}: only letters, digits and _.:/@%+=,~- fit the job's "
+                          "command line (KubeRay runs it through a shell); put this value in the spec instead")
+    return f" --{key.replace('_', '-')} {text}"
+
+
 def rayjob(job: JobConfig, name: str, opts: K8sOptions, config_map: str) -> dict[str, Any]:
-    given = {**opts.job_overrides(), **opts.engine_overrides()}
-    flags = "".join(f" --{k.replace('_', '-')} {shlex.quote(f'{v:g}' if isinstance(v, float) else str(v))}"
-                    for k, v in given.items())
-    entrypoint = f"cd {PROJECT_DIR} && gpt2-pipeline run --spec {SPEC_DIR}/{SPEC_FILE}{flags}"
+    flags = "".join(_flag(k, v) for k, v in {**opts.job_overrides(), **opts.engine_overrides()}.items())
     return {
         "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _metadata(name, opts),
         "spec": {
-            "entrypoint": entrypoint,
+            "entrypoint": f"gpt2-pipeline run --spec {SPEC_DIR}/{SPEC_FILE}{flags}",
+            # The job runs in a copy of the image's project folder (as `gpt2-pipeline submit` ships
+            # the local one), so relative paths in the spec (jobs/data/...) resolve as on a laptop.
+            "runtimeEnvYAML": yaml.safe_dump({"working_dir": PROJECT_DIR}),
             # A resumable job retries on a fresh cluster and skips what it committed; others fail once.
             "backoffLimit": 2 if job.resume else 0,
             "shutdownAfterJobFinishes": True,

@@ -89,7 +89,10 @@ def check(docs: list[dict]) -> tuple[dict, Any]:
     spec_path = f"{mount['mountPath']}/{k8s.SPEC_FILE}"
     spec = yaml.safe_load(cm["data"][k8s.SPEC_FILE])
     if res["kind"] == "RayJob":
-        words = shlex.split(res["spec"]["entrypoint"].split("&&", 1)[1])
+        entrypoint = res["spec"]["entrypoint"]
+        assert not set(entrypoint) & set(";&|<>$`'\"*?()\n"), entrypoint  # KubeRay pastes it into a shell line
+        assert yaml.safe_load(res["spec"]["runtimeEnvYAML"]) == {"working_dir": k8s.PROJECT_DIR}
+        words = shlex.split(entrypoint)
         assert words[:4] == ["gpt2-pipeline", "run", "--spec", spec_path]
         overrides: dict = {}
         for flag, value in zip(words[4::2], words[5::2]):
@@ -201,6 +204,7 @@ def test_options_and_file_output(tmp_path: Path):
     (["jobs/bulk_gpu.yaml", "--tensor-parallel-size", "4", "--gpus-per-worker", "2"], "raise --gpus-per-worker"),
     (["jobs/bulk.yaml", "--gpus-per-replica", "-1"], "gpus_per_replica"),
     (["jobs/bulk.yaml", "--kind", "RayService"], "input"),
+    (["jobs/bulk.yaml", "--input", "s3://b/*.parquet"], "put this value in the spec"),
 ])
 def test_bad_input_is_one_line_exit_2(args: list[str], message: str):
     result = CliRunner().invoke(app, ["k8s", "render", *args])
@@ -235,3 +239,6 @@ def test_app_builder_reads_the_mounted_spec_with_overrides():
     assert (cfg.name, cfg.engine.model, cfg.engine.gpus_per_replica, cfg.ingress) == ("gpt2", "gpt2", 1.0, "proxy")
     assert deployment.ray_actor_options["num_gpus"] == 1.0
     assert deployment._deployment_config.autoscaling_config.max_replicas == 4
+    flat = app_builder({"model": "demo", "replicas": "2"})._bound_deployment  # `serve run ... model=demo replicas=2`
+    assert (flat.init_args[0].engine.model, flat.init_args[0].engine.replicas, flat.init_args[0].ingress) == ("demo", 2, "proxy")
+    assert flat._deployment_config.num_replicas == 2

@@ -40,8 +40,7 @@ def render(
 ) -> None:
     """Print the KubeRay manifests for SPEC: a ConfigMap holding the spec, and a RayJob or RayService.
 
-    Engine, input and output flags override the spec as they do for `run` and `submit` (the
-    ConfigMap keeps the spec verbatim; the flags go to the job's command or the Serve app's args).
+    Engine, input and output flags override the spec as they do for `run` and `submit` (the ConfigMap keeps the spec verbatim; the flags go to the job's command or the Serve app's args).
     """
     from pydantic import ValidationError
 

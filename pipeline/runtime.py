@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from importlib import metadata
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-# Environment every worker gets: no hub traffic, quiet vLLM, the same model cache.
+if TYPE_CHECKING:
+    from pipeline.config import EngineConfig
+
+# Environment every worker gets: quiet vLLM, no tokenizer threads (plus the hub settings below).
 WORKER_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "1"),
@@ -19,13 +20,23 @@ WORKER_ENV = {
 DEFAULT_LOCAL_CPUS = 8
 
 
+# Copied from the driver when set: the same caches, hub endpoint, token and offline switch on every
+# node, so replicas resolve (or download) the driver's pinned snapshot the same way.
+PASS_THROUGH_ENV = ("GPT2_PIPELINE_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_TOKEN",
+                    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS")
+
+
 def worker_env() -> dict[str, str]:
     env = dict(WORKER_ENV)
-    if os.environ.get("GPT2_PIPELINE_CACHE"):
-        env["GPT2_PIPELINE_CACHE"] = os.environ["GPT2_PIPELINE_CACHE"]
-    if os.environ.get("HF_HOME"):
-        env["HF_HOME"] = os.environ["HF_HOME"]
+    env.update({k: os.environ[k] for k in PASS_THROUGH_ENV if os.environ.get(k)})
     return env
+
+
+def replica_resources(engine: "EngineConfig") -> dict[str, float]:
+    """The Ray resources of one engine replica (a batch actor or a Serve replica): its CPUs and
+    ``gpus_per_replica`` GPUs, over which vLLM spreads ``tensor_parallel_size`` workers (equal to
+    it on GPUs, see EngineConfig). The one place both compute it."""
+    return {"num_cpus": engine.cpus_per_replica, "num_gpus": engine.gpus_per_replica}
 
 
 def ray_address(address: Optional[str] = None) -> Optional[str]:

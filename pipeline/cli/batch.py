@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.cli.common import (
-    Address, DtypeOpt, GpusPerReplica, IgnoreEos, MaxModelLen, MaxTokens, MinTokens, Model, N, Replicas,
+    Address, DtypeOpt, GpusPerReplica, IgnoreEos, MaxModelLen, MaxTokens, MinTokens, Model, N, Offline, Replicas,
     RepetitionPenalty, Seed, Spec, Stop, Temperature, TensorParallel, TopK, TopP, Verbose, _engine_flags, _fail,
     _load, _sampling_flags, out, quiet_vllm, run_job_cli,
 )
@@ -39,7 +39,7 @@ def run(
     max_error_rate: Annotated[Optional[float], typer.Option(help="Abort when the error share passes this (0-1).")] = None,
     via_serve: Annotated[Optional[str], typer.Option(help="Send rows through this running Serve app (e.g. gpt2).")] = None,
     replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, tensor_parallel_size: TensorParallel = None,
-    dtype: DtypeOpt = None, max_model_len: MaxModelLen = None, address: Address = None,
+    dtype: DtypeOpt = None, max_model_len: MaxModelLen = None, offline: Offline = None, address: Address = None,
     num_cpus: Annotated[Optional[int], typer.Option(help="Logical CPUs for an embedded Ray (default 8).")] = None,
     verbose: Verbose = False,
 ) -> None:
@@ -49,7 +49,8 @@ def run(
         "id_column": id_column, "passthrough": passthrough or None, "batch_size": batch_size,
         "overwrite": overwrite, "resume": resume, "force": force, "max_error_rate": max_error_rate,
         "via_serve": via_serve, "address": address, "num_cpus": num_cpus,
-        "engine": _engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype, max_model_len, truncate),
+        "engine": {**_engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype, max_model_len, truncate),
+                   "offline": offline},
         "sampling": _sampling_flags(
             max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, stop=stop, n=n, repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
@@ -71,7 +72,7 @@ def embed(
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="L2-normalize vectors.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty output folder.")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue a stopped job.")] = None,
-    replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, dtype: DtypeOpt = None,
+    replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, dtype: DtypeOpt = None, offline: Offline = None,
     address: Address = None, verbose: Verbose = False,
 ) -> None:
     """Feature extraction: one vector per text (mean of GPT-2's final hidden states) as a float32 list column."""
@@ -79,7 +80,7 @@ def embed(
         "input": input, "output": output, "task": Task.embed.value, "prompt_column": prompt_column,
         "id_column": id_column, "passthrough": passthrough or None, "batch_size": batch_size, "normalize": normalize,
         "overwrite": overwrite, "resume": resume, "address": address,
-        "engine": _engine_flags(model, replicas, gpus_per_replica, None, dtype, None),
+        "engine": {**_engine_flags(model, replicas, gpus_per_replica, None, dtype, None), "offline": offline},
     }
     run_job_cli(_load(JobConfig, spec, overrides), verbose)
 
@@ -92,7 +93,7 @@ def generate(
     max_tokens: MaxTokens = 32, min_tokens: MinTokens = None, temperature: Temperature = None,
     top_p: TopP = None, top_k: TopK = None, seed: Seed = None, stop: Stop = None, n: N = None,
     repetition_penalty: RepetitionPenalty = None, ignore_eos: IgnoreEos = None,
-    dtype: DtypeOpt = None, max_model_len: MaxModelLen = None,
+    dtype: DtypeOpt = None, max_model_len: MaxModelLen = None, offline: Offline = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print samples as JSON.")] = False,
     verbose: Verbose = False,
 ) -> None:
@@ -100,7 +101,7 @@ def generate(
     quiet_vllm(verbose)
     from pipeline.config import EngineConfig, SamplingConfig
 
-    engine_cfg = _load(EngineConfig, None, _engine_flags(model, None, None, None, dtype, max_model_len))
+    engine_cfg = _load(EngineConfig, None, {**_engine_flags(model, None, None, None, dtype, max_model_len), "offline": offline})
     sampling = _load(SamplingConfig, None, _sampling_flags(
         max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed, stop=stop, n=n, repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
@@ -130,7 +131,8 @@ def models() -> None:
     for m in BUILTIN_MODELS.values():
         table.add_row(m.name, m.description, "yes" if (cache_dir() / m.name / "builtin.json").is_file() else "on first use")
     out.print(table)
-    out.print(f"cache: {cache_dir()}  (hub ids such as gpt2 load from the HF cache; local folders work too)")
+    out.print(f"cache: {cache_dir()}  (hub ids such as gpt2 are downloaded into the HF cache on first use, "
+              "--offline uses only that cache; local folders work too)")
 
 
 @app.command()

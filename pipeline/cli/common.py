@@ -14,11 +14,12 @@ console = Console(stderr=True)
 out = Console()
 
 Spec = Annotated[Optional[Path], typer.Option("--spec", help="YAML spec with the same options; flags override it.")]
-Model = Annotated[Optional[str], typer.Option(help="Built-in name (demo, gpt2-small-random), local HF folder, or hub id in the HF cache.")]
+Model = Annotated[Optional[str], typer.Option(help="Built-in name (demo, gpt2-small-random), local HF folder, or hub id (gpt2, openai-community/gpt2-medium, ...: downloaded on first use into the HF cache).")]
+Offline = Annotated[Optional[bool], typer.Option("--offline", help="Never download: hub ids must already be in the HF cache (like HF_HUB_OFFLINE=1).")]
 Replicas = Annotated[Optional[int], typer.Option(help="Engine replicas (one per GPU, or per CPU slot).")]
-GpusPerReplica = Annotated[Optional[float], typer.Option(help="GPUs per replica (0 on CPU machines).")]
-TensorParallel = Annotated[Optional[int], typer.Option(help="vLLM tensor parallel size within a replica.")]
-DtypeOpt = Annotated[Optional[Dtype], typer.Option(help="Weights dtype; auto = float32 on CPU.")]
+GpusPerReplica = Annotated[Optional[float], typer.Option(help="GPUs Ray gives each replica (0 on CPU machines; 0.5 shares a GPU; 2+ needs the same --tensor-parallel-size).")]
+TensorParallel = Annotated[Optional[int], typer.Option(help="vLLM tensor parallel size within a replica (= --gpus-per-replica on GPUs).")]
+DtypeOpt = Annotated[Optional[Dtype], typer.Option(help="Weights dtype; auto = float32 on CPU, the checkpoint's dtype on GPU.")]
 MaxModelLen = Annotated[Optional[int], typer.Option(help="Context length (default: the model's).")]
 Address = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray and vLLM logs.")]

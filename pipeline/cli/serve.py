@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.cli.common import (
-    Address, DtypeOpt, GpusPerReplica, MaxModelLen, Model, Replicas, Spec, TensorParallel, Verbose, _engine_flags,
-    _load, console, out,
+    Address, DtypeOpt, GpusPerReplica, MaxModelLen, Model, Offline, Replicas, Spec, TensorParallel, Verbose,
+    _engine_flags, _load, console, out,
 )
 from pipeline.config import Ingress, ServeConfig
 
@@ -27,7 +27,9 @@ def serve(
     spec: Spec = None,
     model: Model = None,
     replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, tensor_parallel_size: TensorParallel = None,
-    dtype: DtypeOpt = None, max_model_len: MaxModelLen = None,
+    dtype: DtypeOpt = None, max_model_len: MaxModelLen = None, offline: Offline = None,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="GPU memory share of the generation engine (default 0.80 with embeddings, 0.90 without).")] = None,
+    embed_gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="GPU memory share of the pooling engine for /v1/embeddings (default 0.10); the two may not pass 0.95.")] = None,
     host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1: loopback only).")] = None,
     port: Annotated[Optional[int], typer.Option(help="HTTP port (default 8000).")] = None,
     api_key: Annotated[Optional[str], typer.Option(envvar="GPT2_PIPELINE_API_KEY", show_envvar=True,
@@ -55,13 +57,14 @@ def serve(
         "min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing_requests": target_ongoing_requests,
         "address": address, "num_cpus": num_cpus,
         "engine": {**_engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype, max_model_len),
-                   "stream_interval": stream_interval},
+                   "stream_interval": stream_interval, "offline": offline, "gpu_memory_utilization": gpu_memory_utilization,
+                   "embed_gpu_memory_utilization": embed_gpu_memory_utilization},
     }
     cfg: ServeConfig = _load(ServeConfig, spec, overrides)
-    from pipeline.models import ModelNotFoundError, resolve_model
+    from pipeline.models import ModelNotFoundError, pinned
 
-    try:
-        resolve_model(cfg.engine.model)
+    try:  # build a built-in, or download a hub id, before Ray starts; replicas load this commit
+        cfg = cfg.model_copy(update={"engine": pinned(cfg.engine)})
     except ModelNotFoundError as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)

@@ -129,8 +129,9 @@ class LLMServer:
         self.cfg = cfg
         self.name = cfg.engine.name
         self.api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
-        self.engine = Engine(cfg.engine, Task.generate, priority_scheduling=True)
-        self.embedder = Engine(cfg.engine, Task.embed) if cfg.embeddings else None
+        # Both engines share the replica's GPUs: each gets its own share of their memory.
+        self.engine = Engine(cfg.engine, Task.generate, priority_scheduling=True, colocated=cfg.embeddings)
+        self.embedder = Engine(cfg.engine, Task.embed, colocated=True) if cfg.embeddings else None
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:
@@ -224,11 +225,16 @@ class LLMServer:
 
 
 def build_app(cfg: ServeConfig) -> Any:
-    """The Serve application for ``cfg`` (replicas or autoscaling, resources, queue bounds)."""
+    """The Serve application for ``cfg`` (replicas or autoscaling, resources, queue bounds).
+
+    The model is resolved here, on the driver: a hub id is downloaded and pinned to its commit."""
+    from pipeline.models import pinned
+    from pipeline.runtime import replica_resources
+
+    cfg = cfg.model_copy(update={"engine": pinned(cfg.engine)})
     engine = cfg.engine
     options: dict[str, Any] = dict(
-        ray_actor_options={"num_cpus": engine.cpus_per_replica,
-                           "num_gpus": engine.gpus_per_replica * engine.tensor_parallel_size},
+        ray_actor_options=replica_resources(engine),
         # Let requests reach the replica, which answers 429 itself (OpenAI JSON + Retry-After).
         # Serve's router queue is only a backstop (503): bursts wait there briefly while the
         # router assigns them, so it is sized well above the replica's own bound.

@@ -23,8 +23,9 @@ def worker_env() -> dict[str, str]:
     env = dict(WORKER_ENV)
     if os.environ.get("GPT2_PIPELINE_CACHE"):
         env["GPT2_PIPELINE_CACHE"] = os.environ["GPT2_PIPELINE_CACHE"]
-    if os.environ.get("HF_HOME"):
-        env["HF_HOME"] = os.environ["HF_HOME"]
+    for key in ("HF_HOME", "GPT2_PIPELINE_HOLD_AFTER_SHARDS"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
     return env
 
 

@@ -16,7 +16,11 @@ duplicate / missing ids, and writes ``_manifest.json``, ``_summary.json`` and ``
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
@@ -24,9 +28,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import io
-from pipeline.config import ConfigError, EngineConfig, JobConfig, Task
+from pipeline.config import ConfigError, EngineConfig, Executor, JobConfig, Task
 from pipeline.records import ID, RowSpec, process_batch, summarize
 
+logger = logging.getLogger(__name__)
+HOLD_ENV = "GPT2_PIPELINE_HOLD_AFTER_SHARDS"
+READY_KEY = b"gpt2_pipeline_engine_ready"  # block metadata: when the engine that ran it was ready (unix s)
 MIN_BLOCKS_PER_REPLICA = 4
 MAX_BLOCKS_PER_REPLICA = 32
 
@@ -57,6 +64,8 @@ class Summary:
     wall_time_s: float = 0.0
     tokens_per_s: float = 0.0
     message: str = ""
+    executor: str = ""  # inline (driver process) or ray-data
+    phases: dict[str, Optional[float]] = field(default_factory=dict)  # seconds from the job's start
     versions: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,11 +81,13 @@ class EngineActor:
 
         self.engine = Engine(engine_config, spec.task)
         self.spec = spec
+        self.ready = {READY_KEY: str(time.time()).encode()}  # the job's phase breakdown reads it
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.engine import PRIORITY_BATCH
 
-        return await process_batch(self.engine, batch, self.spec, PRIORITY_BATCH)
+        out = await process_batch(self.engine, batch, self.spec, PRIORITY_BATCH)
+        return out.replace_schema_metadata(self.ready)
 
 
 class ServeClient:
@@ -93,25 +104,50 @@ class ServeClient:
         return await self.handle.process_batch.remote(batch, self.spec, self.job_id)
 
 
-def _read_slice(items: pa.Table, *, fs: Any, schema: pa.Schema, id_column: str, done: Any) -> pa.Table:
-    import ray
-
+def read_items(items: list[dict], fs: Any, schema: pa.Schema, id_column: str, done: Optional[pa.Array]) -> pa.Table:
+    """The rows of some slices, less the ids a previous run committed (``done``)."""
     tables = []
-    for item in items.to_pylist():
+    for item in items:
         t = io.read_fragment(fs, io.Fragment(**item["fragment"]), schema, id_column).slice(item["start"], item["length"])
         if done is not None:
-            t = t.filter(pc.invert(pc.is_in(t[ID], value_set=ray.get(done))))
+            t = t.filter(pc.invert(pc.is_in(t[ID], value_set=done)))
         tables.append(t)
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def _write_block(block: pa.Table, *, fs: Any, folder: str, id_column: str, metadata: dict) -> pa.Table:
-    if block.num_rows == 0:
-        return pa.Table.from_pylist([])
+def commit_block(block: pa.Table, fs: Any, folder: str, id_column: str, metadata: dict,
+                 stop: Optional[threading.Event] = None) -> dict[str, Any]:
+    """Write one processed block as a shard; its stats for progress (and when its engine was ready)."""
+    ready = (block.schema.metadata or {}).get(READY_KEY)
+    block = block.replace_schema_metadata(None)
+    _hold(fs, folder, stop)
     name = io.write_shard(fs, folder, block, id_column, metadata)
     stats = summarize(block)
     stats["inputs"] = len(pc.unique(block[ID]))
-    return pa.Table.from_pylist([{"shard": name, **stats}])
+    return {"shard": name, **stats, "engine_ready": float(ready) if ready else None}
+
+
+def _hold(fs: Any, folder: str, stop: Optional[threading.Event]) -> None:
+    """Test hook: with $GPT2_PIPELINE_HOLD_AFTER_SHARDS=N, writes wait while N shards are committed,
+    so fault tests interrupt a job in a known state instead of racing it. Off unless set.
+    ``stop`` (inline executor) ends the wait when the job ends: nothing is written after it."""
+    limit = os.environ.get(HOLD_ENV)
+    while limit and len(io.committed_shards(fs, folder)) >= int(limit):
+        if stop is not None and stop.wait(0.1):
+            raise RuntimeError("the job stopped")
+        time.sleep(0 if stop is not None else 0.1)
+
+
+def _read_slice(items: pa.Table, *, fs: Any, schema: pa.Schema, id_column: str, done: Any) -> pa.Table:
+    import ray
+
+    return read_items(items.to_pylist(), fs, schema, id_column, None if done is None else ray.get(done))
+
+
+def _write_block(block: pa.Table, **kwargs: Any) -> pa.Table:
+    if block.num_rows == 0:
+        return pa.Table.from_pylist([])
+    return pa.Table.from_pylist([commit_block(block, **kwargs)])
 
 
 # ---- the job ------------------------------------------------------------------------------------
@@ -146,8 +182,9 @@ def run_job(
     ``on_plan(rows_to_do)`` is called once the input is planned; ``progress(totals)`` per shard.
     """
     from pipeline.models import pinned
-    from pipeline.runtime import init_ray, versions
+    from pipeline.runtime import ray_address, versions
 
+    clock = _Clock()
     plan = io.plan_input(job.input, job.prompt_column, job.id_column, job.passthrough)
     if job.via_serve is None:
         from pipeline.models import ModelNotFoundError
@@ -161,6 +198,7 @@ def run_job(
     if job.resume:
         _check_resume(fs, folder, job, fingerprint)
         io.remove_temp_files(fs, folder)
+    clock.mark("input_plan")
     io.write_json(fs, folder, io.JOB_FILE, {"fingerprint": fingerprint, "config": job.model_dump(mode="json")})
 
     spec = RowSpec(
@@ -170,45 +208,111 @@ def run_job(
         embedding_dim=_embedding_dim(job) if job.task == Task.embed else 0,
     )
     meta = {io.METADATA_KEY: _json({"job": fingerprint, "model": job.engine.model, "versions": versions()})}
+    executor = job.resolved_executor(embedded=ray_address(job.address) is None)
+    runner = _start_inline(job, spec, clock) if executor == Executor.inline else None
+    try:
+        done = io.committed_ids(fs, folder, job.id_column) if job.resume else None
+        skipped = 0 if done is None else len(done)
+        done = None if done is None else done.cast(plan.id_type)
+        if on_plan:
+            on_plan(plan.total_rows - skipped)
+        slices = _slices(plan, job.batch_size)
+        blocks = blocks_per_replica(job.engine.max_num_seqs, job.batch_size)
+        write = {"fs": fs, "folder": folder, "id_column": job.id_column, "metadata": meta}
+        if runner is not None:
+            stream = runner.run(
+                ([item] for item in slices), lambda items: read_items(items, plan.fs, plan.schema, job.id_column, done),
+                lambda block: commit_block(block, **write, stop=runner.stopping), in_flight=blocks * job.engine.replicas,
+            )
+        else:
+            stream = _ray_data_stream(job, spec, plan, slices, done, write, verbose, clock)
+        start = time.monotonic()
+        status, message, totals = _consume(stream, job, plan, progress, clock)
+    finally:
+        if runner is not None:
+            runner.close()
+    wall = time.monotonic() - start
+    if runner is not None and runner.ready_at is not None:
+        clock.marks.setdefault("engine_ready", round(runner.ready_at - clock.start, 3))
+    summary = _verify(fs, folder, job, plan, status, message, wall, totals, skipped)
+    clock.mark("verify")
+    summary.executor, summary.phases, summary.versions = executor.value, clock.phases(), versions()
+    io.write_json(fs, folder, io.SUMMARY_FILE, summary.to_dict())
+    if summary.status == "succeeded":
+        io.write_json(fs, folder, io.SUCCESS_FILE, {"rows": summary.rows_out, "shards": summary.shards})
+    return summary
+
+
+class _Clock:
+    """Phase marks in seconds since the job started: where a job's time goes."""
+
+    PHASES = ("input_plan", "ray_start", "engine_ready", "first_shard", "last_shard", "verify")
+
+    def __init__(self) -> None:
+        self.start, self.start_unix = time.monotonic(), time.time()
+        self.marks: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        self.marks[phase] = round(time.monotonic() - self.start, 3)
+
+    def phases(self) -> dict[str, Optional[float]]:
+        return {p: self.marks.get(p) for p in self.PHASES}
+
+
+def _start_inline(job: JobConfig, spec: RowSpec, clock: _Clock) -> Any:
+    """The inline executor: the engine (or the Serve handle) comes up while the job is prepared."""
+    from pipeline.inline import InlineRunner, engine_processor, serve_processor
+
+    if job.via_serve is None:
+        return InlineRunner(engine_processor(job.engine, spec))
+    from pipeline.runtime import init_ray
+
+    init_ray(job.address or "auto")  # --via-serve joins the cluster that runs the Serve app
+    clock.mark("ray_start")
+    return InlineRunner(serve_processor(job.via_serve, spec, job.output))
+
+
+def _ray_data_stream(job: JobConfig, spec: RowSpec, plan: io.InputPlan, slices: list[dict], done: Any,
+                     write: dict, verbose: bool, clock: _Clock) -> Iterator[dict]:
+    """The Ray Data executor: read tasks → engine actor pool → write tasks, one stats row per shard."""
+    from pipeline.runtime import init_ray
 
     # --via-serve needs the cluster that runs the Serve app: join the running one, never start one.
     init_ray(job.address or ("auto" if job.via_serve else None), job.num_cpus, verbose)
+    clock.mark("ray_start")
     import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
-    done = None
-    skipped = 0
-    if job.resume:
-        ids = io.committed_ids(fs, folder, job.id_column)
-        if ids is not None:
-            skipped = len(ids)
-            done = ray.put(ids.cast(plan.id_type))
-
-    if on_plan:
-        on_plan(plan.total_rows - skipped)
-    slices = _slices(plan, job.batch_size)
     ds = ray.data.from_items(slices, override_num_blocks=max(1, len(slices)))
     ds = ds.map_batches(
         _read_slice, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"fs": plan.fs, "schema": plan.schema, "id_column": job.id_column, "done": done},
+        fn_kwargs={"fs": plan.fs, "schema": plan.schema, "id_column": job.id_column,
+                   "done": None if done is None else ray.put(done)},
     )
     ds = _engine_stage(ds, job, spec)
-    ds = ds.map_batches(
-        _write_block, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"fs": fs, "folder": folder, "id_column": job.id_column, "metadata": meta},
-    )
+    ds = ds.map_batches(_write_block, batch_size=None, batch_format="pyarrow", fn_kwargs=write)
+    for row in ds.iter_rows():
+        yield dict(row)
 
-    start = time.monotonic()
+
+def _consume(stream: Iterator[dict], job: JobConfig, plan: io.InputPlan,
+             progress: Optional[Callable[[dict[str, int]], None]], clock: _Clock) -> tuple[str, str, dict[str, int]]:
+    """Add up the shards' stats as they commit; stop on Ctrl-C or past the error-rate bound."""
     totals = {"rows": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "inputs": 0, "shards": 0}
     status, message = "succeeded", ""
     try:
-        for stats in ds.iter_rows():
+        for stats in stream:
             for key in ("rows", "errors", "prompt_tokens", "completion_tokens", "inputs"):
                 totals[key] += int(stats[key])
             totals["shards"] += 1
+            clock.marks.setdefault("first_shard", round(time.monotonic() - clock.start, 3))
+            clock.mark("last_shard")
+            if stats.get("engine_ready"):
+                ready = round(stats["engine_ready"] - clock.start_unix, 3)
+                clock.marks["engine_ready"] = min(ready, clock.marks.get("engine_ready", ready))
             if progress:
                 progress(dict(totals))
             share = totals["errors"] / totals["rows"] if totals["rows"] else 0.0
@@ -221,13 +325,10 @@ def run_job(
         status, message = "interrupted", "stopped by the user"
     except JobAborted as exc:
         status, message = "aborted", str(exc)
-    wall = time.monotonic() - start
-    summary = _verify(fs, folder, job, plan, status, message, wall, totals, skipped)
-    summary.versions = versions()
-    io.write_json(fs, folder, io.SUMMARY_FILE, summary.to_dict())
-    if summary.status == "succeeded":
-        io.write_json(fs, folder, io.SUCCESS_FILE, {"rows": summary.rows_out, "shards": summary.shards})
-    return summary
+    except Exception as exc:  # e.g. the inline engine died: keep what is committed, say how to go on
+        logger.exception("job failed")
+        status, message = "failed", f"{type(exc).__name__}: {exc}"
+    return status, message, totals
 
 
 def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec) -> Any:

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
-    "ConfigError", "Dtype", "EngineConfig", "JobConfig", "SamplingConfig", "ServeConfig", "Task",
+    "ConfigError", "Dtype", "EngineConfig", "Executor", "JobConfig", "SamplingConfig", "ServeConfig", "Task",
     "ROW_OVERRIDE_FIELDS", "load_spec", "format_validation_error",
 ]
 
@@ -38,6 +38,14 @@ class Ingress(str, Enum):
     auto = "auto"      # direct on an embedded (single-node) Ray, proxy when joining a cluster
     proxy = "proxy"    # Ray Serve's HTTP proxy routes each request (cluster-wide, autoscaling)
     direct = "direct"  # each replica listens on the port itself (SO_REUSEPORT): one hop fewer
+
+
+class Executor(str, Enum):
+    """Who runs a bulk job's blocks."""
+
+    auto = "auto"          # inline for one replica on an embedded Ray or --via-serve, else ray-data
+    inline = "inline"      # the driver process: one in-process engine, or the Serve replicas
+    ray_data = "ray-data"  # Ray Data: read tasks, an engine actor pool, write tasks, cluster-wide
 
 
 class Dtype(str, Enum):
@@ -171,6 +179,7 @@ class JobConfig(_Strict):
     max_error_rate: Optional[float] = Field(None, ge=0.0, le=1.0, description="Abort above this error share.")
     normalize: bool = Field(True, description="embed task: L2-normalize vectors.")
     via_serve: Optional[str] = Field(None, description="Send rows through this running Serve application.")
+    executor: Executor = Field(Executor.auto, description="inline (driver process) or ray-data; auto picks inline for one replica on an embedded Ray and for via_serve.")
     address: Optional[str] = Field(None, description="Ray address; default RAY_ADDRESS or a local Ray.")
     num_cpus: Optional[int] = Field(None, ge=1, description="Logical CPUs for a local Ray (default 8).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -181,6 +190,15 @@ class JobConfig(_Strict):
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
         return self
+
+    def resolved_executor(self, embedded: bool) -> Executor:
+        """``auto``: inline when one engine replica on this machine does the work (or a warm
+        Serve fleet does), Ray Data when engines spread over replicas or a cluster."""
+        if self.executor != Executor.auto:
+            return Executor(self.executor)
+        if self.via_serve or (embedded and self.engine.replicas == 1):
+            return Executor.inline
+        return Executor.ray_data
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a resume to continue a job: model, task, sampling, columns."""

@@ -287,7 +287,9 @@ class Engine:
         return self._llm.get_num_unfinished_requests()
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        llm, self._llm = self._llm, None  # freed now: vLLM's __del__ at interpreter exit is noisy
+        if llm is not None:
+            llm.shutdown()
 
 
 def complete_once(config: EngineConfig, prompt: Any, sampling: SamplingConfig) -> Completion:

@@ -23,7 +23,8 @@ DEFAULT_LOCAL_CPUS = 8
 # Copied from the driver when set: the same caches, hub endpoint, token and offline switch on every
 # node, so replicas resolve (or download) the driver's pinned snapshot the same way.
 PASS_THROUGH_ENV = ("GPT2_PIPELINE_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_TOKEN",
-                    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS")
+                    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS",
+                    "GPT2_PIPELINE_HOLD_AFTER_SHARDS")
 
 
 def worker_env() -> dict[str, str]:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_prompts
-from pipeline.batch import run_job
+from pipeline.batch import HOLD_ENV, run_job
 from pipeline.config import JobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,11 +22,14 @@ def shards(out: Path) -> int:
     return len(list(out.glob("part-*.parquet")))
 
 
-def start_run(src: Path, out: Path, *extra: str) -> subprocess.Popen:
+def start_run(src: Path, out: Path, *extra: str, hold_after: int | None = None) -> subprocess.Popen:
+    """The CLI in its own process group; ``hold_after=N`` holds every write once N shards are
+    committed (batch.HOLD_ENV), so the job is still running whenever the test interrupts it."""
+    env = {**os.environ, HOLD_ENV: str(hold_after)} if hold_after else None
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "run", "--input", str(src), "--output", str(out), "--batch-size", "4",
          "--max-tokens", "48", "--ignore-eos", "--seed", "0", "--num-cpus", "4", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT, env=env,
     )
 
 
@@ -42,7 +45,7 @@ def test_ctrl_c_then_kill_9_then_resume_is_exactly_once(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", [f"Interrupted prompt number {i}" for i in range(64)])
     out = tmp_path / "out"
 
-    first = start_run(src, out)
+    first = start_run(src, out, hold_after=2)
     wait_shards(first, out, 2)
     first.send_signal(signal.SIGINT)  # Ctrl-C: stop cleanly, say how far it got
     log = first.communicate(timeout=180)[0]
@@ -52,7 +55,9 @@ def test_ctrl_c_then_kill_9_then_resume_is_exactly_once(tmp_path):
     assert not (out / "_SUCCESS").exists()
     done_after_ctrl_c = shards(out)
 
-    second = start_run(src, out, "--resume")
+    assert 2 <= done_after_ctrl_c < 16  # held: the job cannot have finished before the Ctrl-C
+
+    second = start_run(src, out, "--resume", hold_after=done_after_ctrl_c + 1)
     wait_shards(second, out, done_after_ctrl_c + 1)
     os.killpg(second.pid, signal.SIGKILL)  # kill -9: no cleanup at all
     second.wait(60)

@@ -13,7 +13,7 @@ from pipeline.cli.common import (
     RepetitionPenalty, Seed, Spec, Stop, Temperature, TensorParallel, TopK, TopP, Verbose, _engine_flags, _fail,
     _load, _sampling_flags, out, quiet_vllm, run_job_cli,
 )
-from pipeline.config import ConfigError, JobConfig, Task
+from pipeline.config import ConfigError, Executor, JobConfig, Task
 
 app = typer.Typer()
 
@@ -38,6 +38,7 @@ def run(
     force: Annotated[Optional[bool], typer.Option("--force", help="With --resume: accept a changed config.")] = None,
     max_error_rate: Annotated[Optional[float], typer.Option(help="Abort when the error share passes this (0-1).")] = None,
     via_serve: Annotated[Optional[str], typer.Option(help="Send rows through this running Serve app (e.g. gpt2).")] = None,
+    executor: Annotated[Optional[Executor], typer.Option(help="inline: the driver runs one engine (or feeds --via-serve); ray-data: an actor pool across the cluster; auto: inline for one replica on an embedded Ray.")] = None,
     replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, tensor_parallel_size: TensorParallel = None,
     dtype: DtypeOpt = None, max_model_len: MaxModelLen = None, offline: Offline = None, address: Address = None,
     num_cpus: Annotated[Optional[int], typer.Option(help="Logical CPUs for an embedded Ray (default 8).")] = None,
@@ -48,7 +49,7 @@ def run(
         "input": input, "output": output, "task": task.value if task else None, "prompt_column": prompt_column,
         "id_column": id_column, "passthrough": passthrough or None, "batch_size": batch_size,
         "overwrite": overwrite, "resume": resume, "force": force, "max_error_rate": max_error_rate,
-        "via_serve": via_serve, "address": address, "num_cpus": num_cpus,
+        "via_serve": via_serve, "address": address, "num_cpus": num_cpus, "executor": executor.value if executor else None,
         "engine": {**_engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype, max_model_len, truncate),
                    "offline": offline},
         "sampling": _sampling_flags(

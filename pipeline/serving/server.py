@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Optional
@@ -29,6 +31,7 @@ from pipeline.serving.errors import APIError
 from pipeline.serving.metrics import Meter, Metrics
 from pipeline.serving.protocol import CompletionRequest, EmbeddingRequest, ModelCard, ModelList
 
+logger = logging.getLogger(__name__)
 API_KEY_ENV = "GPT2_PIPELINE_API_KEY"
 OPEN_PATHS = ("/health", "/health/ready")
 
@@ -130,8 +133,15 @@ class LLMServer:
         self.name = cfg.engine.name
         self.api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
         # Both engines share the replica's GPUs: each gets its own share of their memory.
-        self.engine = Engine(cfg.engine, Task.generate, priority_scheduling=True, colocated=cfg.embeddings)
-        self.embedder = Engine(cfg.engine, Task.embed, colocated=True) if cfg.embeddings else None
+        generate = lambda: Engine(cfg.engine, Task.generate, priority_scheduling=True, colocated=cfg.embeddings)  # noqa: E731
+        embed = lambda: Engine(cfg.engine, Task.embed, colocated=True)  # noqa: E731
+        if cfg.embeddings and not cfg.engine.gpus_per_replica:
+            # CPU: the two engines load side by side (start-up is mostly their processes' imports).
+            # On a GPU they start one after the other: vLLM sizes its cache from the free memory it sees.
+            self.engine, self.embedder = await asyncio.gather(asyncio.to_thread(generate), asyncio.to_thread(embed))
+        else:
+            self.engine = generate()
+            self.embedder = embed() if cfg.embeddings else None
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:
@@ -280,9 +290,15 @@ def start(cfg: ServeConfig, verbose: bool = False) -> tuple[str, Ingress]:
 
     from pipeline.runtime import init_ray, ray_address
 
+    t0 = time.monotonic()
     cfg = cfg.model_copy(update={"ingress": cfg.resolved_ingress(embedded=ray_address(cfg.address) is None)})
     init_ray(cfg.address, cfg.num_cpus, verbose)
+    t_ray = time.monotonic()
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": cfg.access_log},
                 proxy_location=ProxyLocation.Disabled if cfg.ingress == Ingress.direct else None)
+    t_serve = time.monotonic()
     serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
+    t_ready = time.monotonic()
+    logger.warning("serve start-up: ray %.1f s, serve %.1f s, replicas ready %.1f s; total %.1f s",
+                   t_ray - t0, t_serve - t_ray, t_ready - t_serve, t_ready - t0)
     return f"http://{cfg.host}:{cfg.port}", cfg.ingress

@@ -73,7 +73,9 @@ def serve(
     from pipeline.serving.server import start
 
     console.print(f"starting {cfg.engine.replicas} replica(s) of {cfg.engine.name} ...")
+    started = time.monotonic()
     url, ingress = start(cfg, verbose)
+    console.print(f"ready in {time.monotonic() - started:.1f} s", highlight=False)
     out.print(f"serving {cfg.engine.name} at {url}/v1 (Serve app {cfg.name!r}, {ingress.value} ingress); "
               f"{'API key required' if cfg.api_key else 'no API key'}", highlight=False)
     sys.stdout.flush()  # scripts and log files wait for this line: don't leave it in a block buffer

@@ -8,42 +8,95 @@ so a warm fleet answers the first block within a second of the job's start.
 Either way the blocks are the same slices, go through the same row contract
 (``records.process_batch``) and the same content-addressed shard writer as the Ray Data path:
 shard names, exactly-once, resume and error rows do not depend on the executor.
+
+In-process engines stay warm between jobs of one process (a notebook, a test session, a
+service calling ``run_job``): the next job with the same engine settings skips the start-up.
+At most ``WARM_ENGINES`` are kept; they shut down when the process exits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
+import atexit
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Optional
 
 import pyarrow as pa
 
 Processor = Callable[[pa.Table], Awaitable[pa.Table]]
+Factory = Callable[[], Awaitable[tuple[Processor, Callable[[bool], None]]]]
+WARM_ENGINES = 2
 _DONE = object()
+_loop: Optional[asyncio.AbstractEventLoop] = None
+_loop_lock = threading.Lock()
+_warm: "OrderedDict[tuple[str, str], Any]" = OrderedDict()
+
+
+def background_loop() -> asyncio.AbstractEventLoop:
+    """The process's one background event loop: in-process engines live and run on it."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="gpt2-pipeline-loop", daemon=True).start()
+    return _loop
+
+
+def warm_engine(config: Any, task: Any) -> Any:
+    """An engine for these settings: the warm one if there is one, else a new one (call on the
+    background loop). Builds outside the cache's limit shut the least recently used one down."""
+    from pipeline.engine import Engine
+
+    key = (config.model_dump_json(), str(getattr(task, "value", task)))
+    if key in _warm:
+        _warm.move_to_end(key)
+        return _warm[key]
+    while len(_warm) >= WARM_ENGINES:
+        _warm.popitem(last=False)[1].shutdown()
+    _warm[key] = engine = Engine(config, task)
+    atexit.unregister(shutdown_warm)  # run before vLLM's own exit hooks (atexit is last-in, first-out)
+    atexit.register(shutdown_warm)
+    return engine
+
+
+def discard_engine(engine: Any) -> None:
+    """Shut down an engine that failed (it is never handed out again)."""
+    for key, warm in list(_warm.items()):
+        if warm is engine:
+            del _warm[key]
+    engine.shutdown()
+
+
+def shutdown_warm() -> None:
+    """Shut every warm engine down (at exit, or when a caller wants the memory back)."""
+    while _warm:
+        _warm.popitem()[1].shutdown()
 
 
 class InlineRunner:
-    """A background event loop that builds a processor once and then runs blocks through it.
+    """Builds a processor on the background loop, then runs blocks through it.
 
-    ``start`` returns at once; the processor (an engine, which takes seconds to load) is built on
-    the loop while the caller goes on preparing the job. ``run`` yields one stats dict per
+    ``InlineRunner(factory)`` returns at once; the processor (an engine, which takes seconds to
+    load) is built while the caller goes on preparing the job. ``run`` yields one stats dict per
     committed shard, in completion order, with at most ``in_flight`` blocks inside the processor.
     """
 
-    def __init__(self, make_processor: Callable[[], tuple[Processor, Callable[[], None]]]):
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="gpt2-pipeline-inline", daemon=True)
-        self._thread.start()
-        self._close: Optional[Callable[[], None]] = None
+    def __init__(self, factory: Factory):
+        self._loop = background_loop()
+        self._release: Optional[Callable[[bool], None]] = None
+        self._failed = False
+        self._finished = threading.Event()
+        self._finished.set()
+        self._job: Any = None
         self.stopping = threading.Event()  # set by close(): blocking work (writes) must give up
         self.ready_at: Optional[float] = None  # time.monotonic() when the processor was built
 
         async def build() -> Processor:
-            process, self._close = make_processor()
+            process, self._release = await factory()
             self.ready_at = time.monotonic()
             return process
 
@@ -57,17 +110,16 @@ class InlineRunner:
         committed stay, so ``--resume`` continues the job.
         """
         results: queue.Queue = queue.Queue()
-        job = asyncio.run_coroutine_threadsafe(self._run_all(items, read, write, in_flight, results), self._loop)
-        try:
-            while True:
-                item = results.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            job.cancel()
+        self._finished.clear()
+        self._job = asyncio.run_coroutine_threadsafe(self._run_all(items, read, write, in_flight, results), self._loop)
+        while True:
+            item = results.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                self._failed = True
+                raise item
+            yield item
 
     async def _run_all(self, items: Iterable[Any], read: Callable[[Any], pa.Table],
                        write: Callable[[pa.Table], dict], in_flight: int, results: queue.Queue) -> None:
@@ -96,51 +148,56 @@ class InlineRunner:
                 task.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)
             results.put(failures[0] if failures else _DONE)
-        except BaseException as exc:  # noqa: BLE001 - e.g. the engine failed to start
+        except BaseException as exc:  # noqa: BLE001 - e.g. the engine failed to start, or cancelled
             results.put(exc)
             raise
         finally:
             for task in tasks:
-                task.cancel()
+                task.cancel()  # aborts their requests inside the engine
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._finished.set()
 
     def close(self) -> None:
-        """Cancel what still runs, release the processor (shuts the engine down), stop the loop."""
+        """Stop what still runs (it aborts inside the engine) and hand the processor back: a warm
+        engine stays for the next job unless the run failed."""
         self.stopping.set()
-
-        async def drain() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
+        if self._job is not None:
+            self._loop.call_soon_threadsafe(self._job.cancel)
+        self._finished.wait(timeout=120)
         try:
-            asyncio.run_coroutine_threadsafe(drain(), self._loop).result(timeout=60)
-        finally:
-            if self._close is not None:
-                self._close()
-            self._close = self._processor = None
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=30)
-            gc.collect()  # tracebacks of cancelled tasks hold the engine: free it now, not at exit
+            self._processor.result()
+        except BaseException:  # noqa: BLE001 - it never started: nothing to hand back
+            return
+        if self._release is not None:
+            self._release(self._failed)
+        self._release = self._processor = None
 
 
-def engine_processor(engine_config: Any, spec: Any) -> Callable[[], tuple[Processor, Callable[[], None]]]:
-    """Build one in-process engine; each block runs through ``process_batch`` at batch priority."""
+def engine_processor(engine_config: Any, spec: Any) -> Factory:
+    """One in-process engine (warm if one fits); each block runs through ``process_batch``."""
 
-    def make() -> tuple[Processor, Callable[[], None]]:
-        from pipeline.engine import PRIORITY_BATCH, Engine
+    async def make() -> tuple[Processor, Callable[[bool], None]]:
+        from pipeline.engine import PRIORITY_BATCH
         from pipeline.records import process_batch
 
-        engine = Engine(engine_config, spec.task)
-        return (lambda table: process_batch(engine, table, spec, PRIORITY_BATCH)), engine.shutdown
+        engine = warm_engine(engine_config, spec.task)
+
+        async def process(table: pa.Table) -> pa.Table:
+            return await process_batch(engine, table, spec, PRIORITY_BATCH)
+
+        def release(failed: bool) -> None:
+            if failed:
+                discard_engine(engine)
+
+        return process, release
 
     return make
 
 
-def serve_processor(app_name: str, spec: Any, job_id: str) -> Callable[[], tuple[Processor, Callable[[], None]]]:
+def serve_processor(app_name: str, spec: Any, job_id: str) -> Factory:
     """Send each block to a running Serve application's replicas (``run --via-serve``)."""
 
-    def make() -> tuple[Processor, Callable[[], None]]:
+    async def make() -> tuple[Processor, Callable[[bool], None]]:
         from ray import serve
 
         handle = serve.get_app_handle(app_name)
@@ -148,6 +205,6 @@ def serve_processor(app_name: str, spec: Any, job_id: str) -> Callable[[], tuple
         async def process(table: pa.Table) -> pa.Table:
             return await handle.process_batch.remote(table, spec, job_id)
 
-        return process, lambda: None
+        return process, lambda failed: None
 
     return make

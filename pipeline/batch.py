@@ -17,6 +17,7 @@ duplicate / missing ids, and writes ``_manifest.json``, ``_summary.json`` and ``
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
@@ -126,7 +127,7 @@ def _slices(plan: io.InputPlan, size: int) -> list[dict[str, Any]]:
         for start in range(0, fr.rows, size):
             length = min(size, fr.rows - start)
             lo = fr.offset + start
-            drop = [i - lo for i in dropped if lo <= i < lo + length]
+            drop = [i - lo for i in dropped[bisect_left(dropped, lo):bisect_left(dropped, lo + length)]]
             out.append({"fragment": asdict(fr), "start": start, "length": length, "drop": drop})
     return out
 

@@ -188,6 +188,8 @@ class JobConfig(_Strict):
         batch_in = self.input_format == InputFormat.openai_batch.value
         if self.output_format == OutputFormat.openai_batch.value and not batch_in:
             raise ValueError("output_format openai-batch needs input_format openai-batch (request lines to answer)")
+        if self.results and not self.writes_openai_batch:
+            raise ValueError("results is the OpenAI Batch output file: it needs openai-batch input")
         if batch_in and (self.task != Task.generate.value or self.via_serve):
             raise ValueError("openai-batch input takes the task from each request's url; drop task/via_serve")
         return self

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
@@ -28,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import io
-from pipeline.config import ConfigError, EngineConfig, Executor, JobConfig, Task
+from pipeline.config import ConfigError, EngineConfig, Executor, InputFormat, JobConfig, Task
 from pipeline.records import ID, RowSpec, process_batch, summarize
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Summary:
     duplicates: int = 0
     missing: int = 0
     skipped_resume: int = 0
+    deduplicated: int = 0
     shards: int = 0
     wall_time_s: float = 0.0
     tokens_per_s: float = 0.0
@@ -109,6 +111,9 @@ def read_items(items: list[dict], fs: Any, schema: pa.Schema, id_column: str, do
     tables = []
     for item in items:
         t = io.read_fragment(fs, io.Fragment(**item["fragment"]), schema, id_column).slice(item["start"], item["length"])
+        if item.get("drop"):  # --dedupe first: later rows of a repeated id
+            dropped = set(item["drop"])
+            t = t.filter(pa.array([i not in dropped for i in range(t.num_rows)]))
         if done is not None:
             t = t.filter(pc.invert(pc.is_in(t[ID], value_set=done)))
         tables.append(t)
@@ -154,8 +159,12 @@ def _write_block(block: pa.Table, **kwargs: Any) -> pa.Table:
 def _slices(plan: io.InputPlan, size: int) -> list[dict[str, Any]]:
     out = []
     for fr in plan.fragments:
+        dropped = plan.dropped.get(fr.name, [])
         for start in range(0, fr.rows, size):
-            out.append({"fragment": asdict(fr), "start": start, "length": min(size, fr.rows - start)})
+            length = min(size, fr.rows - start)
+            lo = fr.offset + start
+            drop = [i - lo for i in dropped[bisect_left(dropped, lo):bisect_left(dropped, lo + length)]]
+            out.append({"fragment": asdict(fr), "start": start, "length": length, "drop": drop})
     return out
 
 
@@ -185,7 +194,7 @@ def run_job(
     from pipeline.runtime import ray_address, versions
 
     clock = _Clock()
-    plan = io.plan_input(job.input, job.prompt_column, job.id_column, job.passthrough)
+    plan = io.plan_input(job.input, job.prompt_column, job.id_column, job.passthrough, job.input_format, job.dedupe)
     if job.via_serve is None:
         from pipeline.models import ModelNotFoundError
 
@@ -200,6 +209,7 @@ def run_job(
         io.remove_temp_files(fs, folder)
     clock.mark("input_plan")
     io.write_json(fs, folder, io.JOB_FILE, {"fingerprint": fingerprint, "config": job.model_dump(mode="json")})
+    io.stage_input(plan, fs, folder)  # JSONL / CSV / OpenAI Batch: read as Parquet from here on
 
     spec = RowSpec(
         task=job.task, prompt_column=job.prompt_column, sampling=job.sampling, passthrough=job.passthrough,
@@ -209,7 +219,7 @@ def run_job(
     )
     meta = {io.METADATA_KEY: _json({"job": fingerprint, "model": job.engine.model, "versions": versions()})}
     executor = job.resolved_executor(embedded=ray_address(job.address) is None)
-    runner = _start_inline(job, spec, clock) if executor == Executor.inline else None
+    runner = _start_inline(job, spec, clock, _batch_urls(plan)) if executor == Executor.inline else None
     try:
         done = io.committed_ids(fs, folder, job.id_column) if job.resume else None
         skipped = 0 if done is None else len(done)
@@ -238,9 +248,22 @@ def run_job(
     clock.mark("verify")
     summary.executor, summary.phases, summary.versions = executor.value, clock.phases(), versions()
     io.write_json(fs, folder, io.SUMMARY_FILE, summary.to_dict())
+    if summary.status == "succeeded" and job.writes_openai_batch:
+        from pipeline.openai_batch import write_results
+
+        write_results(fs, folder, plan, job)  # before _SUCCESS: a kill in between reruns it on resume
     if summary.status == "succeeded":
         io.write_json(fs, folder, io.SUCCESS_FILE, {"rows": summary.rows_out, "shards": summary.shards})
     return summary
+
+
+def _batch_urls(plan: io.InputPlan) -> Optional[list[str]]:
+    """An OpenAI Batch file's endpoints (rows are requests answered like the endpoint), else None."""
+    if plan.format != InputFormat.openai_batch:
+        return None
+    from pipeline.openai_batch import urls
+
+    return urls(plan)
 
 
 class _Clock:
@@ -259,10 +282,14 @@ class _Clock:
         return {p: self.marks.get(p) for p in self.PHASES}
 
 
-def _start_inline(job: JobConfig, spec: RowSpec, clock: _Clock) -> Any:
+def _start_inline(job: JobConfig, spec: RowSpec, clock: _Clock, batch_urls: Optional[list[str]]) -> Any:
     """The inline executor: the engine (or the Serve handle) comes up while the job is prepared."""
     from pipeline.inline import InlineRunner, engine_processor, serve_processor
 
+    if batch_urls is not None:
+        from pipeline.openai_batch import inline_processor
+
+        return InlineRunner(inline_processor(job.engine, batch_urls))
     if job.via_serve is None:
         return InlineRunner(engine_processor(job.engine, spec))
     from pipeline.runtime import init_ray
@@ -292,7 +319,7 @@ def _ray_data_stream(job: JobConfig, spec: RowSpec, plan: io.InputPlan, slices: 
         fn_kwargs={"fs": plan.fs, "schema": plan.schema, "id_column": job.id_column,
                    "done": None if done is None else ray.put(done)},
     )
-    ds = _engine_stage(ds, job, spec)
+    ds = _engine_stage(ds, job, spec, _batch_urls(plan))
     ds = ds.map_batches(_write_block, batch_size=None, batch_format="pyarrow", fn_kwargs=write)
     for row in ds.iter_rows():
         yield dict(row)
@@ -331,7 +358,7 @@ def _consume(stream: Iterator[dict], job: JobConfig, plan: io.InputPlan,
     return status, message, totals
 
 
-def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec) -> Any:
+def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[list[str]] = None) -> Any:
     import ray.data
 
     from pipeline.runtime import replica_resources
@@ -346,13 +373,18 @@ def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec) -> Any:
             ServeClient, batch_size=None, batch_format="pyarrow", compute=compute, num_cpus=0.1,
             fn_constructor_kwargs={"app_name": job.via_serve, "spec": spec, "job_id": job.output},
         )
+    if batch_urls is not None:  # an OpenAI Batch file: rows are requests, answered like the endpoint
+        from pipeline.openai_batch import BatchRequestActor
+
+        actor, kwargs = BatchRequestActor, {"engine_config": job.engine, "urls": batch_urls}
+    else:
+        actor, kwargs = EngineActor, {"engine_config": job.engine, "spec": spec}
     resources = replica_resources(job.engine)
     # One block (a slice of batch_size rows) per call; Ray Data insists on an explicit batch size
     # when GPUs are requested, which here changes only how short (last or resumed) slices group.
     return ds.map_batches(
-        EngineActor, batch_size=job.batch_size if resources["num_gpus"] else None, batch_format="pyarrow", compute=compute,
-        num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"] or None,
-        fn_constructor_kwargs={"engine_config": job.engine, "spec": spec},
+        actor, batch_size=job.batch_size if resources["num_gpus"] else None, batch_format="pyarrow", compute=compute,
+        num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"] or None, fn_constructor_kwargs=kwargs,
     )  # Ray Data restarts dead engine actors and retries their blocks (max_restarts=-1 by default)
 
 
@@ -363,7 +395,8 @@ def _verify(fs: Any, folder: str, job: JobConfig, plan: io.InputPlan, status: st
 
     files = io.committed_shards(fs, folder)
     summary = Summary(status=status, output=job.output, rows_in=plan.total_rows, message=message,
-                      skipped_resume=skipped, shards=len(files), wall_time_s=round(wall, 3))
+                      skipped_resume=skipped, shards=len(files), wall_time_s=round(wall, 3),
+                      deduplicated=plan.deduplicated)
     if files:
         cols = [job.id_column, "error", "prompt_tokens"] + (["completion_tokens", "sample_index"] if job.task == Task.generate else [])
         dataset = pads.dataset(files, filesystem=fs, format="parquet")

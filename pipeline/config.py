@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
-    "ConfigError", "Dtype", "EngineConfig", "Executor", "JobConfig", "SamplingConfig", "ServeConfig", "Task",
+    "ConfigError", "Dedupe", "Dtype", "EngineConfig", "Executor", "InputFormat", "JobConfig", "OutputFormat",
+    "SamplingConfig", "ServeConfig", "Task",
     "ROW_OVERRIDE_FIELDS", "load_spec", "format_validation_error",
 ]
 
@@ -30,6 +31,31 @@ class _Strict(BaseModel):
 class Task(str, Enum):
     generate = "generate"
     embed = "embed"
+
+
+class InputFormat(str, Enum):
+    """How input files are read (``auto``: by file extension)."""
+
+    auto = "auto"
+    parquet = "parquet"
+    jsonl = "jsonl"                 # one JSON object per line (.jsonl, .json, .ndjson; .gz too)
+    csv = "csv"                     # header row, then one row per prompt (.csv; .gz too)
+    openai_batch = "openai-batch"   # OpenAI Batch / `vllm run-batch` request file (JSONL)
+
+
+class OutputFormat(str, Enum):
+    """What a job writes besides its Parquet shards (``auto``: openai-batch for openai-batch input)."""
+
+    auto = "auto"
+    parquet = "parquet"
+    openai_batch = "openai-batch"   # also <output>/_results.jsonl, OpenAI Batch output lines
+
+
+class Dedupe(str, Enum):
+    """What to do with rows whose id appeared earlier in the input."""
+
+    refuse = "refuse"  # a planning error listing them
+    first = "first"    # keep the first row of each id
 
 
 class Ingress(str, Enum):
@@ -166,8 +192,12 @@ class EngineConfig(_Strict):
 class JobConfig(_Strict):
     """An offline bulk job: Parquet prompts in, Parquet generations (or embeddings) out."""
 
-    input: str = Field(..., description="Parquet file, folder, glob or URI (s3://, gs://, file://).")
+    input: str = Field(..., description="Parquet, JSONL or CSV file, folder, glob or URI (s3://, gs://, file://).")
     output: str = Field(..., description="Output folder or URI.")
+    input_format: InputFormat = Field(InputFormat.auto, description="auto: by file extension (.parquet, .jsonl/.json, .csv).")
+    output_format: OutputFormat = Field(OutputFormat.auto, description="openai-batch also writes <output>/_results.jsonl.")
+    results: Optional[str] = Field(None, description="openai-batch output: also copy the results JSONL to this path.")
+    dedupe: Dedupe = Field(Dedupe.refuse, description="Duplicate input ids: refuse the job, or keep the first row of each.")
     task: Task = Task.generate
     prompt_column: str = "prompt"
     id_column: str = Field("id", description="Input id column; if absent, ids are '<file>#<row>'.")
@@ -185,10 +215,25 @@ class JobConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_ids(cls, data: Any) -> Any:
+        """OpenAI Batch input: the id is each line's custom_id."""
+        if isinstance(data, dict) and data.get("input_format") in (InputFormat.openai_batch, "openai-batch"):
+            data = {**data, "id_column": "custom_id"}
+        return data
+
     @model_validator(mode="after")
     def _modes(self) -> "JobConfig":
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
+        batch_in = self.input_format == InputFormat.openai_batch.value
+        if self.output_format == OutputFormat.openai_batch.value and not batch_in:
+            raise ValueError("output_format openai-batch needs input_format openai-batch (request lines to answer)")
+        if self.results and not self.writes_openai_batch:
+            raise ValueError("results is the OpenAI Batch output file: it needs openai-batch input")
+        if batch_in and (self.task != Task.generate.value or self.via_serve):
+            raise ValueError("openai-batch input takes the task from each request's url; drop task/via_serve")
         return self
 
     def resolved_executor(self, embedded: bool) -> Executor:
@@ -199,6 +244,13 @@ class JobConfig(_Strict):
         if self.via_serve or (embedded and self.engine.replicas == 1):
             return Executor.inline
         return Executor.ray_data
+
+    @property
+    def writes_openai_batch(self) -> bool:
+        """Whether the job ends by writing the OpenAI Batch output JSONL."""
+        if self.output_format == OutputFormat.auto.value:
+            return self.input_format == InputFormat.openai_batch.value
+        return self.output_format == OutputFormat.openai_batch.value
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a resume to continue a job: model, task, sampling, columns."""

@@ -1,4 +1,5 @@
-"""Parquet in and out: plan the input (before any engine starts), read it as row groups,
+"""Parquet in and out: plan the input (before any engine starts; JSONL/CSV/OpenAI Batch files are
+parsed by ``pipeline.formats`` and staged as Parquet), read it as row groups,
 write output shards atomically, and keep the manifest that resume and readers rely on.
 
 Paths may be local, ``file://``, or any URI pyarrow's filesystems take (s3://, gs://, ...).
@@ -12,7 +13,7 @@ import hashlib
 import json
 import posixpath
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -20,7 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import ROW_OVERRIDE_FIELDS, ConfigError
+from pipeline import formats
+from pipeline.config import ROW_OVERRIDE_FIELDS, ConfigError, Dedupe, InputFormat
 from pipeline.records import ID
 
 SHARD_PREFIX = "part-"
@@ -58,15 +60,21 @@ class InputPlan:
     fs: pafs.FileSystem
     fragments: list[Fragment]
     schema: pa.Schema
-    total_rows: int
+    total_rows: int  # distinct ids to answer (rows dropped by dedupe are not counted)
     fingerprint: str
+    format: InputFormat = InputFormat.parquet
+    id_column: str = "id"
+    staged: list[tuple[str, pa.Table]] = field(default_factory=list)  # text inputs, until stage_input
+    dropped: dict[str, list[int]] = field(default_factory=dict)  # file name -> row indices dedupe drops
+    deduplicated: int = 0
 
     @property
     def id_type(self) -> pa.DataType:
         return self.schema.field(ID).type
 
 
-def _list_files(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], str]:
+def _list_files(fs: pafs.FileSystem, path: str, uri: str, fmt: InputFormat) -> tuple[list[str], str, InputFormat]:
+    """The input files, their root, and their format (``auto``: from the extensions found)."""
     if any(ch in _GLOB for ch in path):
         root = path[: min(path.index(ch) for ch in _GLOB if ch in path)].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
@@ -77,62 +85,164 @@ def _list_files(fs: pafs.FileSystem, path: str, uri: str) -> tuple[list[str], st
         )
         if not files:
             raise ConfigError(f"no files match {uri!r}")
-        return files, root
+        return files, root, _one_format(files, fmt, uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"input {uri!r} does not exist")
     if info.type == pafs.FileType.File:
-        return [path], posixpath.dirname(path)
+        return [path], posixpath.dirname(path), _one_format([path], fmt, uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    files = sorted(
+    visible = sorted(
         i.path for i in infos
-        if i.is_file and i.path.endswith((".parquet", ".pq"))
-        and not any(part.startswith(("_", ".")) for part in posixpath.relpath(i.path, path).split("/"))
+        if i.is_file and not any(part.startswith(("_", ".")) for part in posixpath.relpath(i.path, path).split("/"))
     )
+    if fmt == InputFormat.auto:  # a folder takes the files of the one format it holds
+        found = {formats.format_of(f) for f in visible} - {None}
+        if len(found) > 1:
+            names = ", ".join(sorted(InputFormat(f).value for f in found))
+            raise ConfigError(f"input folder {uri!r} holds {names} files; pass --input-format to pick one")
+        fmt = found.pop() if found else InputFormat.parquet
+    files = [f for f in visible if f.lower().endswith(formats.EXTENSIONS[fmt])]
     if not files:
-        raise ConfigError(f"input folder {uri!r} holds no .parquet files")
-    return files, path
+        raise ConfigError(f"input folder {uri!r} holds no {formats.EXTENSIONS[fmt][0]} files")
+    return files, path, fmt
 
 
-def plan_input(uri: str, prompt_column: str, id_column: str, passthrough: list[str]) -> InputPlan:
-    """Read only metadata: list files, check columns and types, count rows. Raises ConfigError."""
+def _one_format(files: list[str], fmt: InputFormat, uri: str) -> InputFormat:
+    if fmt != InputFormat.auto:
+        return fmt
+    found = {formats.format_of(f) for f in files}
+    if found == {None}:
+        return InputFormat.parquet  # no known extension: Parquet, as before (a clear error if it is not)
+    if len(found) > 1:
+        raise ConfigError(f"{uri!r} matches files of several formats; pass --input-format to pick one")
+    return found.pop() or InputFormat.parquet
+
+
+def plan_input(uri: str, prompt_column: str, id_column: str, passthrough: list[str],
+               input_format: InputFormat | str = InputFormat.auto, dedupe: Dedupe | str = Dedupe.refuse) -> InputPlan:
+    """List files, check columns and types, count rows, find duplicate ids. Raises ConfigError.
+
+    Parquet: only metadata and the id column are read. Text formats are parsed whole (errors
+    carry the line number); their tables wait in ``plan.staged`` until ``stage_input``.
+    """
     fs, path = filesystem(uri)
-    files, root = _list_files(fs, path, uri)
+    files, root, fmt = _list_files(fs, path, uri, InputFormat(input_format))
+    if fmt == InputFormat.openai_batch:
+        prompt_column, id_column, passthrough = "body", formats.BATCH_ID, ["url"]
     fragments: list[Fragment] = []
+    staged: list[tuple[str, pa.Table]] = []
     schema: Optional[pa.Schema] = None
     digest = hashlib.sha256()
     for f in files:
-        try:
-            with fs.open_input_file(f) as fh:
-                meta = pq.ParquetFile(fh).metadata
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise ConfigError(f"{f!r} is not a readable Parquet file: {exc}") from None
-        file_schema = meta.schema.to_arrow_schema()
+        name = posixpath.relpath(f, root)
+        if fmt == InputFormat.parquet:
+            try:
+                with fs.open_input_file(f) as fh:
+                    meta = pq.ParquetFile(fh).metadata
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise ConfigError(f"{f!r} is not a readable Parquet file: {exc}") from None
+            file_schema = meta.schema.to_arrow_schema()
+            offset = 0
+            for rg in range(meta.num_row_groups):
+                rows = meta.row_group(rg).num_rows
+                if rows:
+                    fragments.append(Fragment(f, name, rg, offset, rows))
+                offset += rows
+            digest.update(f"{name}:{meta.num_rows}:{meta.serialized_size}\n".encode())
+        else:
+            data = formats.read_bytes(fs, f)
+            table = formats.parse(data, fmt, name, prompt_column)
+            staged.append((name, table))
+            file_schema = table.schema
+            digest.update(f"{name}:{table.num_rows}:{hashlib.sha256(data).hexdigest()}\n".encode())
         if schema is None:
             schema = file_schema
             missing = [c for c in [prompt_column, *passthrough] if c not in schema.names]
             if missing:
+                hint = " (an OpenAI Batch file? pass --input-format openai-batch)" if "custom_id" in schema.names else ""
                 raise ConfigError(
-                    f"input has no column {', '.join(map(repr, missing))}; its columns are: {', '.join(schema.names)}"
+                    f"input has no column {', '.join(map(repr, missing))}; its columns are: {', '.join(schema.names)}{hint}"
                 )
         elif prompt_column not in file_schema.names:
             raise ConfigError(f"{f!r} has no column {prompt_column!r}; its columns are: {', '.join(file_schema.names)}")
-        name = posixpath.relpath(f, root)
-        offset = 0
-        for rg in range(meta.num_row_groups):
-            rows = meta.row_group(rg).num_rows
-            if rows:
-                fragments.append(Fragment(f, name, rg, offset, rows))
-            offset += rows
-        digest.update(f"{name}:{meta.num_rows}:{meta.serialized_size}\n".encode())
     assert schema is not None  # _list_files returns at least one file
     id_type = schema.field(id_column).type if id_column in schema.names else pa.string()
     if pa.types.is_floating(id_type) or pa.types.is_nested(id_type):
         raise ConfigError(f"id column {id_column!r} has type {id_type}; use integers or strings")
     fields = [pa.field(ID, id_type)] + [schema.field(c) for c in dict.fromkeys([prompt_column, *passthrough])]
     fields += [schema.field(c) for c in ROW_OVERRIDE_FIELDS if c in schema.names and c not in passthrough]
-    total = sum(fr.rows for fr in fragments)
-    return InputPlan(fs, fragments, pa.schema(fields), total, digest.hexdigest()[:16])
+    total = sum(fr.rows for fr in fragments) + sum(t.num_rows for _, t in staged)
+    plan = InputPlan(fs, fragments, pa.schema(fields), total, digest.hexdigest()[:16], fmt, id_column, staged)
+    if id_column in schema.names:
+        _find_duplicates(plan, files, Dedupe(dedupe))
+    return plan
+
+
+def _file_ids(plan: InputPlan, files: list[str]) -> list[tuple[str, pa.Array]]:
+    """(name, ids) per input file, in input order: only the id column is read."""
+    if plan.staged:
+        return [(name, t[plan.id_column].cast(plan.id_type)) for name, t in plan.staged]
+    names = {fr.path: fr.name for fr in plan.fragments}
+    out = []
+    for f in files:
+        with plan.fs.open_input_file(f) as fh:
+            table = pq.read_table(fh, columns=[plan.id_column])
+        out.append((names.get(f, f), table[plan.id_column].cast(plan.id_type).combine_chunks()))
+    return out
+
+
+def _find_duplicates(plan: InputPlan, files: list[str], dedupe: Dedupe) -> None:
+    """Refuse duplicate ids (with examples), or mark all but each id's first row to be dropped."""
+    per_file = _file_ids(plan, files)
+    ids = pa.chunked_array([a for _, a in per_file], plan.id_type) if per_file else pa.chunked_array([], plan.id_type)
+    table = pa.table({"id": ids, "i": pa.array(range(len(ids)), pa.int64())})
+    groups = table.group_by("id", use_threads=False).aggregate([("i", "min"), ("i", "count")])
+    if groups.num_rows == table.num_rows:
+        return
+    dup = groups.filter(pc.greater(groups["i_count"], 1)).sort_by("i_min")
+    extra = table.num_rows - groups.num_rows
+    if dedupe != Dedupe.first:
+        examples = ", ".join(repr(v) for v in dup["id"].to_pylist()[:3])
+        raise ConfigError(
+            f"input has {dup.num_rows} duplicate ids ({extra} extra rows; e.g. {examples}); "
+            "pass --dedupe first to keep the first row of each"
+        )
+    keep = pc.is_in(table["i"], value_set=groups["i_min"])
+    dropped = table["i"].filter(pc.invert(keep)).to_pylist()
+    start, bounds = 0, []
+    for name, a in per_file:
+        bounds.append((name, start, start + len(a)))
+        start += len(a)
+    for name, lo, hi in bounds:
+        local = [i - lo for i in dropped if lo <= i < hi]
+        if local:
+            plan.dropped[name] = local
+    plan.deduplicated = extra
+    plan.total_rows -= extra
+
+
+def stage_input(plan: InputPlan, fs: pafs.FileSystem, folder: str) -> None:
+    """Text inputs: write each parsed file as ``<output>/_input/<n>.parquet`` (temp + rename) and
+    point the plan's fragments at them; a rerun or resume rewrites the same files."""
+    if not plan.staged:
+        return
+    fs.create_dir(posixpath.join(folder, "_input"), recursive=True)
+    plan.fragments = []
+    for n, (name, table) in enumerate(plan.staged):
+        final = posixpath.join(folder, formats.staged_name(n))
+        tmp = posixpath.join(folder, "_input", f".tmp-{uuid.uuid4().hex}.parquet")
+        pq.write_table(table, tmp, filesystem=fs)
+        fs.move(tmp, final)
+        with fs.open_input_file(final) as fh:
+            meta = pq.ParquetFile(fh).metadata
+        offset = 0
+        for rg in range(meta.num_row_groups):
+            rows = meta.row_group(rg).num_rows
+            if rows:
+                plan.fragments.append(Fragment(final, name, rg, offset, rows))
+            offset += rows
+    plan.fs = fs
 
 
 def read_fragment(fs: pafs.FileSystem, fr: Fragment, schema: pa.Schema, id_column: str) -> pa.Table:

@@ -127,7 +127,7 @@ def print_summary(s: Summary) -> None:
         ("output", s.output), ("rows in", f"{s.rows_in:,}"), ("rows out", f"{s.rows_out:,}"),
         ("error rows", f"{s.error_rows:,}"), ("prompt tokens", f"{s.prompt_tokens:,}"),
         ("completion tokens", f"{s.completion_tokens:,}"), ("duplicates / missing", f"{s.duplicates} / {s.missing}"),
-        ("skipped (resume)", f"{s.skipped_resume:,}"), ("shards", f"{s.shards:,}"),
+        ("skipped (resume)", f"{s.skipped_resume:,}"), *([("deduplicated", f"{s.deduplicated:,}")] if s.deduplicated else []), ("shards", f"{s.shards:,}"),
         ("wall time", f"{s.wall_time_s:,.1f} s"), ("tokens/s", f"{s.tokens_per_s:,.1f}"),
         ("executor", s.executor), ("phases (s from start)", _phases(s.phases)),
     ]:

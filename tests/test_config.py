@@ -1,6 +1,7 @@
 """Config validation: bad values are refused with a clear message before any engine starts."""
 
 import pytest
+from pydantic import ValidationError
 
 from pipeline.config import ConfigError, JobConfig, SamplingConfig, ServeConfig, build, load_spec
 
@@ -83,3 +84,18 @@ def test_ingress_auto_is_direct_only_on_an_embedded_ray_with_fixed_replicas():
     assert resolved == Ingress.proxy and isinstance(resolved, Ingress)
     with pytest.raises(ConfigError, match="autoscaling needs Serve's proxy"):
         build(ServeConfig, {"ingress": "direct", "max_replicas": 2}, {})
+
+
+def test_input_and_output_formats():
+    job = JobConfig(input="b.jsonl", output="o", input_format="openai-batch")
+    assert job.id_column == "custom_id" and job.writes_openai_batch
+    assert not JobConfig(input="b.jsonl", output="o", input_format="openai-batch", output_format="parquet").writes_openai_batch
+    assert not JobConfig(input="p.csv", output="o").writes_openai_batch
+    for bad, needle in [
+        ({"output_format": "openai-batch"}, "needs input_format openai-batch"),
+        ({"results": "r.jsonl"}, "needs openai-batch input"),
+        ({"input_format": "openai-batch", "task": "embed"}, "task from each request's url"),
+        ({"input_format": "xml"}, "input_format"),
+    ]:
+        with pytest.raises(ValidationError, match=needle):
+            JobConfig(input="x", output="o", **bad)

@@ -9,9 +9,9 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.cli.common import (
-    Address, DtypeOpt, GpusPerReplica, IgnoreEos, MaxModelLen, MaxTokens, MinTokens, Model, N, Offline, Replicas,
-    RepetitionPenalty, Seed, Spec, Stop, Temperature, TensorParallel, TopK, TopP, Verbose, _engine_flags, _fail,
-    _load, _sampling_flags, out, quiet_vllm, run_job_cli,
+    Address, DedupeOpt, DtypeOpt, GpusPerReplica, IgnoreEos, InputFormatOpt, MaxModelLen, MaxTokens, MinTokens,
+    Model, N, Offline, OutputFormatOpt, Replicas, RepetitionPenalty, Seed, Spec, Stop, Temperature, TensorParallel, TopK,
+    TopP, Verbose, _engine_flags, _fail, _load, _sampling_flags, out, quiet_vllm, run_job_cli,
 )
 from pipeline.config import ConfigError, Executor, JobConfig, Task
 
@@ -21,8 +21,10 @@ app = typer.Typer()
 @app.command()
 def run(
     spec: Spec = None,
-    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Parquet file, folder, glob or URI.")] = None,
+    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Parquet, JSONL or CSV file, folder, glob or URI.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder or URI.")] = None,
+    input_format: InputFormatOpt = None, output_format: OutputFormatOpt = None, dedupe: DedupeOpt = None,
+    results: Annotated[Optional[str], typer.Option(help="openai-batch output: also write the results JSONL here (like run-batch -o).")] = None,
     model: Model = None,
     task: Annotated[Optional[Task], typer.Option(help="generate (text) or embed (a vector per text).")] = None,
     prompt_column: Annotated[Optional[str], typer.Option(help="Column holding the prompts.")] = None,
@@ -47,6 +49,8 @@ def run(
     """Bulk generation (or embeddings): Parquet prompts in, Parquet shards out, exactly once per id."""
     overrides = {
         "input": input, "output": output, "task": task.value if task else None, "prompt_column": prompt_column,
+        "input_format": input_format.value if input_format else None, "dedupe": dedupe.value if dedupe else None,
+        "output_format": output_format.value if output_format else None, "results": results,
         "id_column": id_column, "passthrough": passthrough or None, "batch_size": batch_size,
         "overwrite": overwrite, "resume": resume, "force": force, "max_error_rate": max_error_rate,
         "via_serve": via_serve, "address": address, "num_cpus": num_cpus, "executor": executor.value if executor else None,
@@ -63,8 +67,9 @@ def run(
 @app.command()
 def embed(
     spec: Spec = None,
-    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Parquet file, folder, glob or URI.")] = None,
+    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Parquet, JSONL or CSV file, folder, glob or URI.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder or URI.")] = None,
+    input_format: InputFormatOpt = None, dedupe: DedupeOpt = None,
     model: Model = None,
     prompt_column: Annotated[Optional[str], typer.Option(help="Column holding the texts.")] = None,
     id_column: Annotated[Optional[str], typer.Option(help="Column holding input ids.")] = None,
@@ -79,6 +84,7 @@ def embed(
     """Feature extraction: one vector per text (mean of GPT-2's final hidden states) as a float32 list column."""
     overrides = {
         "input": input, "output": output, "task": Task.embed.value, "prompt_column": prompt_column,
+        "input_format": input_format.value if input_format else None, "dedupe": dedupe.value if dedupe else None,
         "id_column": id_column, "passthrough": passthrough or None, "batch_size": batch_size, "normalize": normalize,
         "overwrite": overwrite, "resume": resume, "address": address,
         "engine": {**_engine_flags(model, replicas, gpus_per_replica, None, dtype, None), "offline": offline},

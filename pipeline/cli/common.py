@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from pipeline.config import ConfigError, Dtype, build, load_spec
+from pipeline.config import ConfigError, Dedupe, Dtype, InputFormat, OutputFormat, build, load_spec
 
 console = Console(stderr=True)
 out = Console()
@@ -22,6 +22,9 @@ TensorParallel = Annotated[Optional[int], typer.Option(help="vLLM tensor paralle
 DtypeOpt = Annotated[Optional[Dtype], typer.Option(help="Weights dtype; auto = float32 on CPU, the checkpoint's dtype on GPU.")]
 MaxModelLen = Annotated[Optional[int], typer.Option(help="Context length (default: the model's).")]
 Address = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")]
+InputFormatOpt = Annotated[Optional[InputFormat], typer.Option(help="Input files: auto (by extension: .parquet, .jsonl/.json, .csv), or openai-batch for an OpenAI Batch request file.")]
+OutputFormatOpt = Annotated[Optional[OutputFormat], typer.Option(help="openai-batch also writes <output>/_results.jsonl (default for openai-batch input).")]
+DedupeOpt = Annotated[Optional[Dedupe], typer.Option(help="Duplicate input ids: refuse (default) or keep the first row of each.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray and vLLM logs.")]
 MaxTokens = Annotated[Optional[int], typer.Option(help="Most tokens to generate per sample.")]
 MinTokens = Annotated[Optional[int], typer.Option(help="Fewest tokens before EOS/stop may end a sample.")]

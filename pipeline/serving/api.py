@@ -63,6 +63,13 @@ def _over_context(engine: Engine, tokens: int, budget: int, param: str) -> None:
     )
 
 
+def check_model(served: str, requested: Optional[str]) -> None:
+    """A request naming another model is a 404, as OpenAI answers."""
+    if requested not in (None, served):
+        raise APIError(404, f"model {requested!r} does not exist; this server serves {served!r}", "model",
+                       "model_not_found")
+
+
 def prepare(engine: Engine, req: CompletionRequest, max_prompts: int) -> Prepared:
     sampling = req.to_sampling()  # ValidationError / ValueError → 400 (errors.install)
     return Prepared(sampling, _encode(engine, req.prompts(), sampling.max_tokens, max_prompts, "prompt"))

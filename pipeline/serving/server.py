@@ -194,9 +194,7 @@ class LLMServer:
                 meter.done(status)
 
     def check_model(self, model: Optional[str]) -> None:
-        if model not in (None, self.name):
-            raise APIError(404, f"model {model!r} does not exist; this server serves {self.name!r}", "model",
-                           "model_not_found")
+        api.check_model(self.name, model)
 
     async def tail(self, events: AsyncIterator[str], meter: Meter) -> AsyncIterator[str]:
         """Keep a stream counted as active until it ends (or the client leaves)."""

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from pipeline import io
 from pipeline.config import ConfigError, EngineConfig, JobConfig, Task
-from pipeline.records import ID, RowSpec, process_batch, summarize
+from pipeline.records import ID, RowSpec, corpus_perplexity, process_batch, summarize
 
 MIN_BLOCKS_PER_REPLICA = 4
 MAX_BLOCKS_PER_REPLICA = 32
@@ -56,6 +56,8 @@ class Summary:
     shards: int = 0
     wall_time_s: float = 0.0
     tokens_per_s: float = 0.0
+    scored_tokens: int = 0  # score task: tokens with a log-probability
+    perplexity: Optional[float] = None  # score task: exp(sum(nll_i * scored_i) / sum(scored_i))
     message: str = ""
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -167,7 +169,7 @@ def run_job(
         task=job.task, prompt_column=job.prompt_column, sampling=job.sampling, passthrough=job.passthrough,
         normalize=job.normalize, truncate=job.engine.truncate, id_type=plan.id_type,
         passthrough_types={c: plan.schema.field(c).type for c in job.passthrough},
-        embedding_dim=_embedding_dim(job) if job.task == Task.embed else 0,
+        embedding_dim=_embedding_dim(job) if job.task == Task.embed else 0, score=job.score,
     )
     meta = {io.METADATA_KEY: _json({"job": fingerprint, "model": job.engine.model, "versions": versions()})}
 
@@ -260,9 +262,13 @@ def _verify(fs: Any, folder: str, job: JobConfig, plan: io.InputPlan, status: st
                       skipped_resume=skipped, shards=len(files), wall_time_s=round(wall, 3))
     if files:
         cols = [job.id_column, "error", "prompt_tokens"] + (["completion_tokens", "sample_index"] if job.task == Task.generate else [])
+        cols += ["scored_tokens", "nll"] if job.task == Task.score else []
         dataset = pads.dataset(files, filesystem=fs, format="parquet")
         table = dataset.to_table(columns=cols)
         stats = summarize(table)
+        if job.task == Task.score:
+            summary.scored_tokens, summary.perplexity = corpus_perplexity(table)
+            stats.update(scored_tokens=summary.scored_tokens, perplexity=summary.perplexity)
         io.write_json(fs, folder, io.MANIFEST_FILE, {
             "status": status, **stats, "config": job.model_dump(mode="json"),
             "shards": [{"file": f.path.rsplit("/", 1)[-1], "rows": f.metadata.num_rows} for f in dataset.get_fragments()],

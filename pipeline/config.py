@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
-    "ConfigError", "Dtype", "EngineConfig", "JobConfig", "SamplingConfig", "ServeConfig", "Task",
+    "ConfigError", "Dtype", "EngineConfig", "JobConfig", "SamplingConfig", "ScoreConfig", "ServeConfig", "Task",
     "ROW_OVERRIDE_FIELDS", "load_spec", "format_validation_error",
 ]
 
@@ -30,6 +30,7 @@ class _Strict(BaseModel):
 class Task(str, Enum):
     generate = "generate"
     embed = "embed"
+    score = "score"  # log-likelihood / perplexity of each text
 
 
 class Ingress(str, Enum):
@@ -97,6 +98,14 @@ class SamplingConfig(_Strict):
 ROW_OVERRIDE_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")
 
 
+class ScoreConfig(_Strict):
+    """The score task: how each text's log-likelihood is computed and what is written."""
+
+    stride: Optional[int] = Field(None, ge=1, description="Sliding-window step for texts over the context (default: half the context); at most the window (context - 1).")
+    score_first_token: bool = Field(False, description="Put <|endoftext|> before each text so its first token is scored too.")
+    token_logprobs: bool = Field(False, description="Also write a token_logprobs list column (one per scored token).")
+
+
 class EngineConfig(_Strict):
     """One engine replica: the model, its vLLM settings, and how many replicas to run."""
 
@@ -141,6 +150,7 @@ class JobConfig(_Strict):
     address: Optional[str] = Field(None, description="Ray address; default RAY_ADDRESS or a local Ray.")
     num_cpus: Optional[int] = Field(None, ge=1, description="Logical CPUs for a local Ray (default 8).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="score task options.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @model_validator(mode="after")
@@ -156,7 +166,7 @@ class JobConfig(_Strict):
             "max_model_len": self.engine.max_model_len, "truncate": self.engine.truncate,
             "prompt_column": self.prompt_column, "id_column": self.id_column,
             "passthrough": self.passthrough, "normalize": self.normalize,
-            "sampling": self.sampling.model_dump(mode="json"),
+            "sampling": self.sampling.model_dump(mode="json"), "score": self.score.model_dump(mode="json"),
         }
 
 

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 
 from pipeline import io
 from pipeline.config import ConfigError, EngineConfig, Executor, InputFormat, JobConfig, Task
-from pipeline.records import ID, RowSpec, process_batch, summarize
+from pipeline.records import ID, RowSpec, corpus_perplexity, process_batch, summarize
 
 logger = logging.getLogger(__name__)
 HOLD_ENV = "GPT2_PIPELINE_HOLD_AFTER_SHARDS"
@@ -65,6 +65,8 @@ class Summary:
     shards: int = 0
     wall_time_s: float = 0.0
     tokens_per_s: float = 0.0
+    scored_tokens: int = 0  # score task: tokens with a log-probability
+    perplexity: Optional[float] = None  # score task: exp(sum(nll_i * scored_i) / sum(scored_i))
     message: str = ""
     executor: str = ""  # inline (driver process) or ray-data
     phases: dict[str, Optional[float]] = field(default_factory=dict)  # seconds from the job's start
@@ -215,7 +217,7 @@ def run_job(
         task=job.task, prompt_column=job.prompt_column, sampling=job.sampling, passthrough=job.passthrough,
         normalize=job.normalize, truncate=job.engine.truncate, id_type=plan.id_type,
         passthrough_types={c: plan.schema.field(c).type for c in job.passthrough},
-        embedding_dim=_embedding_dim(job) if job.task == Task.embed else 0,
+        embedding_dim=_embedding_dim(job) if job.task == Task.embed else 0, score=job.score,
     )
     meta = {io.METADATA_KEY: _json({"job": fingerprint, "model": job.engine.model, "versions": versions()})}
     executor = job.resolved_executor(embedded=ray_address(job.address) is None)
@@ -399,9 +401,13 @@ def _verify(fs: Any, folder: str, job: JobConfig, plan: io.InputPlan, status: st
                       deduplicated=plan.deduplicated)
     if files:
         cols = [job.id_column, "error", "prompt_tokens"] + (["completion_tokens", "sample_index"] if job.task == Task.generate else [])
+        cols += ["scored_tokens", "nll"] if job.task == Task.score else []
         dataset = pads.dataset(files, filesystem=fs, format="parquet")
         table = dataset.to_table(columns=cols)
         stats = summarize(table)
+        if job.task == Task.score:
+            summary.scored_tokens, summary.perplexity = corpus_perplexity(table)
+            stats.update(scored_tokens=summary.scored_tokens, perplexity=summary.perplexity)
         io.write_json(fs, folder, io.MANIFEST_FILE, {
             "status": status, **stats, "config": job.model_dump(mode="json"),
             "shards": [{"file": f.path.rsplit("/", 1)[-1], "rows": f.metadata.num_rows} for f in dataset.get_fragments()],

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "ConfigError", "Dedupe", "Dtype", "EngineConfig", "Executor", "InputFormat", "JobConfig", "OutputFormat",
-    "SamplingConfig", "ServeConfig", "Task",
+    "SamplingConfig", "ScoreConfig", "ServeConfig", "Task",
     "ROW_OVERRIDE_FIELDS", "load_spec", "format_validation_error",
 ]
 
@@ -31,6 +31,7 @@ class _Strict(BaseModel):
 class Task(str, Enum):
     generate = "generate"
     embed = "embed"
+    score = "score"  # log-likelihood / perplexity of each text
 
 
 class InputFormat(str, Enum):
@@ -131,6 +132,14 @@ class SamplingConfig(_Strict):
 ROW_OVERRIDE_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")
 
 
+class ScoreConfig(_Strict):
+    """The score task: how each text's log-likelihood is computed and what is written."""
+
+    stride: Optional[int] = Field(None, ge=1, description="Sliding-window step for texts over the context (default: half the context); at most the window (context - 1).")
+    score_first_token: bool = Field(False, description="Put <|endoftext|> before each text so its first token is scored too.")
+    token_logprobs: bool = Field(False, description="Also write a token_logprobs list column (one per scored token).")
+
+
 # GPU memory per device: one engine alone, or generation + pooling sharing a Serve replica's GPUs.
 GPU_SHARE_ALONE = 0.90
 GPU_SHARE_COLOCATED = (0.80, 0.10)
@@ -213,6 +222,7 @@ class JobConfig(_Strict):
     address: Optional[str] = Field(None, description="Ray address; default RAY_ADDRESS or a local Ray.")
     num_cpus: Optional[int] = Field(None, ge=1, description="Logical CPUs for a local Ray (default 8).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="score task options.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @model_validator(mode="before")
@@ -259,7 +269,7 @@ class JobConfig(_Strict):
             "max_model_len": self.engine.max_model_len, "truncate": self.engine.truncate,
             "prompt_column": self.prompt_column, "id_column": self.id_column,
             "passthrough": self.passthrough, "normalize": self.normalize,
-            "sampling": self.sampling.model_dump(mode="json"),
+            "sampling": self.sampling.model_dump(mode="json"), "score": self.score.model_dump(mode="json"),
         }
 
 

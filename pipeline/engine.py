@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -63,10 +64,49 @@ class Sample:
 class Completion:
     prompt_tokens: int
     samples: list[Sample]
+    # with ``prompt_logprobs``: one entry per prompt token, the first None (nothing predicts it)
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
 
     @property
     def completion_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.samples)
+
+
+@dataclass
+class Scored:
+    """A text's log-likelihood: the log-probability of each scored token (natural log)."""
+
+    prompt_tokens: int  # tokens of the text (without an added <|endoftext|>)
+    token_logprobs: list[float]
+
+    @property
+    def scored_tokens(self) -> int:
+        return len(self.token_logprobs)
+
+    @property
+    def nll(self) -> float:
+        """Mean negative log-likelihood per scored token (nats)."""
+        return -math.fsum(self.token_logprobs) / len(self.token_logprobs)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll) if self.nll < 709 else math.inf
+
+
+def score_windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """HF's "Perplexity of fixed-length models" windows as (begin, end, trg_len): windows of
+    ``max_length`` tokens every ``stride``; only the last ``trg_len = end - prev_end`` tokens of each
+    are scored, so every token after the first is scored exactly once, with the most context."""
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be in [1, {max_length}] (the window), got {stride}")
+    out, prev_end = [], 0
+    for begin in range(0, length, stride):
+        end = min(begin + max_length, length)
+        out.append((begin, end, end - prev_end))
+        prev_end = end
+        if end == length:
+            break
+    return out
 
 
 def _engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, colocated: bool = False,
@@ -149,11 +189,13 @@ class Engine:
         self.in_flight = 0
 
     # ---- prompts -------------------------------------------------------------------------
-    def encode(self, prompt: Any, max_tokens: int = 1, truncate: Optional[bool] = None) -> list[int]:
+    def encode(self, prompt: Any, max_tokens: int = 1, truncate: Optional[bool] = None,
+               check_length: bool = True) -> list[int]:
         """Token ids for a text (or a list of token ids), checked against the context.
 
         A prompt needs room for at least one new token; with ``truncate`` it is left-truncated
-        to leave room for ``max_tokens`` instead of failing.
+        to leave room for ``max_tokens`` instead of failing. ``check_length=False`` (scoring,
+        which slides a window over long texts) skips the context check.
         """
         if prompt is None:
             raise PromptError("null_prompt", "prompt is null")
@@ -174,7 +216,7 @@ class Engine:
         else:
             raise PromptError("invalid_prompt", f"prompt must be a string, got {type(prompt).__name__}")
         limit = self.context_length - 1
-        if len(ids) > limit:
+        if check_length and len(ids) > limit:
             do_truncate = self.config.truncate if truncate is None else truncate
             if not do_truncate:
                 raise PromptError(
@@ -207,12 +249,20 @@ class Engine:
         Cancelling the consumer aborts the request inside vLLM, freeing its KV-cache slot.
         """
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.exceptions import EngineDeadError
 
         kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         params = SamplingParams(**sampling.to_sampling_kwargs(), output_kind=kind)
+        async with aclosing(self._outputs(prompt_ids, params, request_id, priority)) as outputs:
+            async for out in outputs:
+                yield [self._sample(o, sampling.logprobs) for o in out.outputs]
+
+    async def _outputs(self, prompt_ids: list[int], params: Any, request_id: Optional[str], priority: int
+                       ) -> AsyncIterator[Any]:
+        """vLLM's RequestOutputs for one request, inside the in-flight bound."""
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         rid = request_id or uuid.uuid4().hex
         async with self._semaphore():
             self.in_flight += 1
@@ -222,31 +272,85 @@ class Engine:
                     TokensPrompt(prompt_token_ids=prompt_ids), params, rid, priority=priority
                 )) as outputs:
                     async for out in outputs:
-                        yield [self._sample(o, sampling.logprobs) for o in out.outputs]
+                        yield out
             except EngineDeadError as exc:
                 raise EngineFatalError(f"vLLM engine died: {exc}") from exc
             finally:
                 self.in_flight -= 1
 
     async def complete(
-        self, prompt_ids: list[int], sampling: SamplingConfig, *, priority: int = PRIORITY_ONLINE
+        self, prompt_ids: list[int], sampling: SamplingConfig, *, priority: int = PRIORITY_ONLINE,
+        prompt_logprobs: Optional[int] = None,
     ) -> Completion:
-        """Run one prompt to the end: ``sampling.n`` samples, ordered by index."""
+        """Run one prompt to the end: ``sampling.n`` samples, ordered by index.
+
+        ``prompt_logprobs=k``: also each prompt token's log-probability and the top k (echo).
+        """
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(**sampling.to_sampling_kwargs(), prompt_logprobs=prompt_logprobs,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
         samples: dict[int, Sample] = {}
-        async for chunk in self.generate(prompt_ids, sampling, priority=priority):
-            for s in chunk:
-                samples[s.index] = s
-        return Completion(len(prompt_ids), [samples[i] for i in sorted(samples)])
+        prompt_lps = None
+        async for out in self._outputs(prompt_ids, params, None, priority):
+            for o in out.outputs:
+                samples[o.index] = self._sample(o, sampling.logprobs)
+            if prompt_logprobs is not None and out.prompt_logprobs is not None:
+                prompt_lps = [None] + [self._token_logprob(t, e, prompt_logprobs)
+                                       for t, e in zip(prompt_ids[1:], out.prompt_logprobs[1:])]
+        return Completion(len(prompt_ids), [samples[i] for i in sorted(samples)], prompt_lps)
+
+    # ---- scoring (log-likelihood of a given text) ----------------------------------------
+    async def score(
+        self, text_ids: list[int], *, stride: Optional[int] = None, score_first_token: bool = False,
+        priority: int = PRIORITY_ONLINE,
+    ) -> Scored:
+        """Log-probability of each token of a text given the ones before it, as HF's
+        ``model(ids, labels=ids)`` computes it: every token after the first is scored (with
+        ``score_first_token``, <|endoftext|> goes first so every token is). A text longer than the
+        context is scored with HF's sliding window (windows of context-1 tokens, the room vLLM
+        leaves for one sampled token, every ``stride`` tokens; default half the context).
+        """
+        from pipeline.models import EOS_TOKEN_ID
+
+        seq = [EOS_TOKEN_ID, *text_ids] if score_first_token else list(text_ids)
+        if len(seq) < 2:
+            raise PromptError("too_short", f"the text has {len(text_ids)} token; the first token is never scored "
+                              "(use score_first_token to score it after <|endoftext|>)", tokens=len(text_ids))
+        windows = score_windows(len(seq), self.context_length - 1, stride or self.context_length // 2)
+        parts = await asyncio.gather(*(self._prompt_logprobs(seq[b:e], priority) for b, e, _ in windows))
+        logprobs: list[float] = []
+        for (begin, _, trg_len), part in zip(windows, parts):
+            logprobs.extend(part if begin == 0 else part[-trg_len:])
+        return Scored(len(text_ids), logprobs)
+
+    async def _prompt_logprobs(self, ids: list[int], priority: int) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i >= 1, from vLLM's prompt logprobs (one sampled token
+        is the least vLLM runs; prefix caching is bypassed for prompt-logprob requests)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        async for out in self._outputs(ids, params, None, priority):
+            final = out
+        return [entry[tok].logprob for tok, entry in zip(ids[1:], final.prompt_logprobs[1:])]
+
+    @staticmethod
+    def _token_logprob(tok: int, entry: Any, k: int) -> TokenLogprob:
+        """One position's chosen token and its top-k alternatives (token text -> logprob)."""
+        chosen = entry.get(tok)
+        top = {(lp.decoded_token or ""): lp.logprob for lp in entry.values() if lp.rank <= max(k, 1)}
+        if chosen is None:
+            return TokenLogprob("", float("-inf"), top)
+        return TokenLogprob(chosen.decoded_token or "", chosen.logprob, top)
 
     def _sample(self, out: Any, logprobs: Optional[int]) -> Sample:
         lps = None
         if logprobs is not None and out.logprobs is not None:
-            lps = []
-            for tok, entry in zip(out.token_ids, out.logprobs):
-                chosen = entry.get(tok)
-                top = {(lp.decoded_token or ""): lp.logprob for t, lp in entry.items() if lp.rank <= max(logprobs, 1)}
-                lps.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob, top) if chosen else
-                           TokenLogprob("", float("-inf"), top))
+            lps = [self._token_logprob(tok, entry, logprobs) for tok, entry in zip(out.token_ids, out.logprobs)]
         return Sample(out.index, out.text, list(out.token_ids), out.finish_reason, lps)
 
     # ---- feature extraction --------------------------------------------------------------

@@ -130,7 +130,8 @@ def print_summary(s: Summary) -> None:
         ("skipped (resume)", f"{s.skipped_resume:,}"), *([("deduplicated", f"{s.deduplicated:,}")] if s.deduplicated else []), ("shards", f"{s.shards:,}"),
         ("wall time", f"{s.wall_time_s:,.1f} s"), ("tokens/s", f"{s.tokens_per_s:,.1f}"),
         ("executor", s.executor), ("phases (s from start)", _phases(s.phases)),
-    ]:
+    ] + ([("scored tokens", f"{s.scored_tokens:,}"),
+          ("corpus perplexity", "-" if s.perplexity is None else f"{s.perplexity:,.4g}")] if s.scored_tokens else []):
         table.add_row(key, value)
     console.print(table)
     if s.message:

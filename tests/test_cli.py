@@ -111,3 +111,20 @@ def test_embed_command_writes_fixed_size_float32_vectors(tmp_path, ray_cluster):
     a, b, c = (np.array(rows[k]["embedding"]) for k in "abc")
     assert np.allclose(a, c, atol=1e-5) and not np.allclose(a, b, atol=1e-3)
     assert abs(np.linalg.norm(a) - 1) < 1e-4
+
+
+def test_score_command_flags_reach_the_job(tmp_path, ray_cluster):
+    import pyarrow as pa
+
+    src = write_prompts(tmp_path / "texts.parquet", ["The cat sat on the mat", "Hello"], id=["a", "b"])
+    result = runner.invoke(app, ["score", "--input", str(src), "--output", str(tmp_path / "scores"),
+                                 "--score-first-token", "--token-logprobs"])
+    assert result.exit_code == 0, result.output
+    assert "corpus perplexity" in result.output
+    table = pq.read_table(tmp_path / "scores")
+    assert table.schema.field("token_logprobs").type == pa.list_(pa.float32())
+    rows = {r["id"]: r for r in table.to_pylist()}
+    for r in rows.values():  # the first token is scored after <|endoftext|>: even "Hello" has a score
+        assert r["error"] is None and r["scored_tokens"] == r["prompt_tokens"] == len(r["token_logprobs"])
+    job = json.loads((tmp_path / "scores" / "_job.json").read_text())
+    assert job["config"]["task"] == "score" and job["fingerprint"]["score"]["score_first_token"] is True

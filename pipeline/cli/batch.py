@@ -9,9 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.cli.common import (
-    Address, DedupeOpt, DtypeOpt, GpusPerReplica, IgnoreEos, InputFormatOpt, MaxModelLen, MaxTokens, MinTokens,
-    Model, N, Offline, OutputFormatOpt, Replicas, RepetitionPenalty, Seed, Spec, Stop, Temperature, TensorParallel, TopK,
-    TopP, Verbose, _engine_flags, _fail, _load, _sampling_flags, out, quiet_vllm, run_job_cli,
+    Address, DedupeOpt, DtypeOpt, GpusPerReplica, IgnoreEos, InputFormatOpt, Logprobs, MaxModelLen, MaxTokens,
+    MinTokens, Model, N, Offline, OutputFormatOpt, Replicas, RepetitionPenalty, ScoreFirstToken, Seed, Spec, Stop,
+    Stride, Temperature, TensorParallel, TokenLogprobs, TopK, TopP, Verbose, _engine_flags, _fail, _load,
+    _sampling_flags, _score_flags, out, quiet_vllm, run_job_cli,
 )
 from pipeline.config import ConfigError, Executor, JobConfig, Task
 
@@ -26,14 +27,15 @@ def run(
     input_format: InputFormatOpt = None, output_format: OutputFormatOpt = None, dedupe: DedupeOpt = None,
     results: Annotated[Optional[str], typer.Option(help="openai-batch output: also write the results JSONL here (like run-batch -o).")] = None,
     model: Model = None,
-    task: Annotated[Optional[Task], typer.Option(help="generate (text) or embed (a vector per text).")] = None,
+    task: Annotated[Optional[Task], typer.Option(help="generate (text), embed (a vector per text) or score (perplexity per text).")] = None,
     prompt_column: Annotated[Optional[str], typer.Option(help="Column holding the prompts.")] = None,
     id_column: Annotated[Optional[str], typer.Option(help="Column holding input ids (else '<file>#<row>').")] = None,
     passthrough: Annotated[Optional[list[str]], typer.Option(help="Input column copied to the output (repeatable).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Rows per engine call and per output shard.")] = None,
     max_tokens: MaxTokens = None, min_tokens: MinTokens = None, temperature: Temperature = None,
     top_p: TopP = None, top_k: TopK = None, seed: Seed = None, stop: Stop = None, n: N = None,
-    repetition_penalty: RepetitionPenalty = None, ignore_eos: IgnoreEos = None,
+    repetition_penalty: RepetitionPenalty = None, ignore_eos: IgnoreEos = None, logprobs: Logprobs = None,
+    stride: Stride = None, score_first_token: ScoreFirstToken = None, token_logprobs: TokenLogprobs = None,
     truncate: Annotated[Optional[bool], typer.Option("--truncate/--no-truncate", help="Left-truncate prompts over the context instead of error rows.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty output folder.")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue a stopped job: skip committed ids.")] = None,
@@ -59,7 +61,39 @@ def run(
         "sampling": _sampling_flags(
             max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, stop=stop, n=n, repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
+            logprobs=logprobs,
         ),
+        "score": _score_flags(stride, score_first_token, token_logprobs),
+    }
+    run_job_cli(_load(JobConfig, spec, overrides), verbose)
+
+
+@app.command()
+def score(
+    spec: Spec = None,
+    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Parquet file, folder, glob or URI.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder or URI.")] = None,
+    model: Model = None,
+    prompt_column: Annotated[Optional[str], typer.Option(help="Column holding the texts.")] = None,
+    id_column: Annotated[Optional[str], typer.Option(help="Column holding input ids.")] = None,
+    passthrough: Annotated[Optional[list[str]], typer.Option(help="Input column copied to the output (repeatable).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per engine call and per output shard.")] = None,
+    stride: Stride = None, score_first_token: ScoreFirstToken = None, token_logprobs: TokenLogprobs = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty output folder.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue a stopped job.")] = None,
+    via_serve: Annotated[Optional[str], typer.Option(help="Send rows through this running Serve app (e.g. gpt2).")] = None,
+    replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, dtype: DtypeOpt = None,
+    max_model_len: MaxModelLen = None, address: Address = None,
+    num_cpus: Annotated[Optional[int], typer.Option(help="Logical CPUs for an embedded Ray (default 8).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Perplexity: each text's mean negative log-likelihood per token (nll) and exp(nll), long texts by sliding window."""
+    overrides = {
+        "input": input, "output": output, "task": Task.score.value, "prompt_column": prompt_column,
+        "id_column": id_column, "passthrough": passthrough or None, "batch_size": batch_size,
+        "overwrite": overwrite, "resume": resume, "via_serve": via_serve, "address": address, "num_cpus": num_cpus,
+        "engine": _engine_flags(model, replicas, gpus_per_replica, None, dtype, max_model_len),
+        "score": _score_flags(stride, score_first_token, token_logprobs),
     }
     run_job_cli(_load(JobConfig, spec, overrides), verbose)
 

@@ -36,6 +36,10 @@ Stop = Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable
 N = Annotated[Optional[int], typer.Option("--n", help="Samples per prompt (one output row each).")]
 RepetitionPenalty = Annotated[Optional[float], typer.Option(help="HF-style repetition penalty (1 = off).")]
 IgnoreEos = Annotated[Optional[bool], typer.Option("--ignore-eos/--no-ignore-eos", help="Generate past EOS.")]
+Logprobs = Annotated[Optional[int], typer.Option(help="Add a logprobs column: per generated token its logprob and the top N alternatives.")]
+Stride = Annotated[Optional[int], typer.Option(help="score: sliding-window step for texts over the context (default: half the context).")]
+ScoreFirstToken = Annotated[Optional[bool], typer.Option("--score-first-token/--no-score-first-token", help="score: put <|endoftext|> first so the text's first token is scored too.")]
+TokenLogprobs = Annotated[Optional[bool], typer.Option("--token-logprobs/--no-token-logprobs", help="score: add a token_logprobs column (one per scored token).")]
 
 
 def quiet_vllm(verbose: bool) -> None:
@@ -59,6 +63,10 @@ def _engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype
         "tensor_parallel_size": tensor_parallel_size, "dtype": dtype.value if dtype else None,
         "max_model_len": max_model_len, "truncate": truncate,
     }
+
+
+def _score_flags(stride: Optional[int], score_first_token: Optional[bool], token_logprobs: Optional[bool]) -> dict:
+    return {"stride": stride, "score_first_token": score_first_token, "token_logprobs": token_logprobs}
 
 
 def _sampling_flags(**kw: Any) -> dict:

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from pipeline.config import SamplingConfig
-from pipeline.engine import Engine, PromptError, Sample
+from pipeline.engine import Engine, PromptError, Sample, TokenLogprob
 from pipeline.serving.errors import APIError, error_event
 from pipeline.serving.metrics import Meter
 from pipeline.serving.protocol import (
@@ -88,17 +88,44 @@ def _logprobs(sample: Sample, offset: int) -> Optional[CompletionLogprobs]:
     return lp
 
 
+def _prompt_logprobs(text: str, entries: list[Optional[TokenLogprob]], tokenizer: Any, first_id: int) -> CompletionLogprobs:
+    """The echoed prompt's logprobs, as OpenAI's legacy API gave them: the first token has none."""
+    rest = "".join(e.token for e in entries[1:] if e is not None)
+    first = text[: len(text) - len(rest)] if text.endswith(rest) else tokenizer.decode([first_id])
+    lp = CompletionLogprobs(text_offset=[0], token_logprobs=[None], tokens=[first], top_logprobs=[None])
+    offset = len(first)
+    for e in entries[1:]:
+        lp.text_offset.append(offset)
+        lp.tokens.append(e.token)
+        lp.token_logprobs.append(e.logprob)
+        lp.top_logprobs.append(e.top)
+        offset += len(e.token)
+    return lp
+
+
 async def complete(engine: Engine, req: CompletionRequest, job: Prepared, model: str, priority: int,
                    meter: Meter) -> CompletionResponse:
-    done = await asyncio.gather(*(engine.complete(ids, job.sampling, priority=priority) for _, ids in job.prompts))
+    """Non-streaming completions. ``echo`` with ``logprobs`` scores the prompt too (its tokens'
+    logprobs come first); ``max_tokens`` 0 with ``echo`` only scores: no generated text."""
+    score_prompt = req.echo and req.logprobs is not None
+    done = await asyncio.gather(*(
+        engine.complete(ids, job.sampling, priority=priority, prompt_logprobs=req.logprobs if score_prompt else None)
+        for _, ids in job.prompts
+    ))
     choices, usage = [], Usage()
-    for i, ((text, _), completion) in enumerate(zip(job.prompts, done)):
+    for i, ((text, ids), completion) in enumerate(zip(job.prompts, done)):
         usage.prompt_tokens += completion.prompt_tokens
-        usage.completion_tokens += completion.completion_tokens
         head = text if req.echo else ""
+        prompt_lp = _prompt_logprobs(text, completion.prompt_logprobs, engine.tokenizer, ids[0]) if score_prompt else None
         for s in completion.samples:
+            if req.max_tokens == 0:
+                s = Sample(s.index, "", [], "length", [] if s.logprobs is not None else None)
+            usage.completion_tokens += len(s.token_ids)
+            lp = _logprobs(s, len(head))
+            if prompt_lp is not None:
+                lp = CompletionLogprobs(**{k: getattr(prompt_lp, k) + getattr(lp, k) for k in CompletionLogprobs.model_fields})
             choices.append(CompletionChoice(index=i * job.sampling.n + s.index, text=head + s.text,
-                                            finish_reason=s.finish_reason, logprobs=_logprobs(s, len(head))))
+                                            finish_reason=s.finish_reason, logprobs=lp))
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     meter.tokens(usage.prompt_tokens, usage.completion_tokens)
     return CompletionResponse(choices=choices, model=model, usage=usage)

@@ -45,11 +45,11 @@ class CompletionRequest(OpenAIModel):
     model: Optional[str] = None
     prompt: Prompt
     best_of: Optional[int] = Field(None, ge=1, le=MAX_N, description="Only best_of == n is supported.")
-    echo: bool = False
+    echo: bool = Field(False, description="Prepend the prompt; with logprobs also the prompt tokens' logprobs (the first is null).")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = Field(None, description="Not supported; must be empty.")
     logprobs: Optional[int] = Field(None, ge=0, le=20)
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
+    max_tokens: int = Field(16, ge=0, le=MAX_TOKENS, description="0 (with echo) scores the prompt without generating.")
     n: int = Field(1, ge=1, le=MAX_N)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
@@ -80,8 +80,13 @@ class CompletionRequest(OpenAIModel):
             raise ValueError("logit_bias is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo: true (it returns the prompt and, with logprobs, scores it)")
+        if self.stream and self.echo and (self.logprobs is not None or self.max_tokens == 0):
+            raise ValueError("stream with echo and logprobs (or max_tokens 0) is not supported; send it without stream")
         return SamplingConfig(
-            max_tokens=self.max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
+            # vLLM runs at least one step; with max_tokens 0 (echo) api.complete drops it
+            max_tokens=max(self.max_tokens, 1), min_tokens=self.min_tokens, temperature=self.temperature,
             top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=self.stop or [], n=self.n,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos, logprobs=self.logprobs,

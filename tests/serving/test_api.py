@@ -44,9 +44,10 @@ def test_token_id_prompt_echo_and_logprobs(client):
     body = complete(client, prompt=[3666, 1438, 318], max_tokens=4, temperature=0, echo=True, logprobs=2)
     choice = body["choices"][0]
     assert choice["text"].startswith("My name is")
-    lp = choice["logprobs"]
-    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
-    assert all(v <= 0 for v in lp["token_logprobs"]) and all(1 <= len(t) <= 2 for t in lp["top_logprobs"])
+    lp = choice["logprobs"]  # echo: the 3 prompt tokens (the first without a logprob), then 4 generated
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 7
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:]) and all(1 <= len(t) <= 3 for t in lp["top_logprobs"][1:])
 
 
 def test_stop_string_and_extras(client):

@@ -1,14 +1,13 @@
-"""The offline job: Parquet prompts → Ray Data → engine actors → atomic Parquet shards.
+"""The offline job: plan the input, run its slices through engines, commit shards, verify.
 
-Stages (all streaming; the driver only sees one small stats row per shard):
-
-1. read: one task per slice of a row group (``batch_size`` rows), adding ``__id``;
-   on resume, ids already committed are dropped here.
-2. engine: ``map_batches`` over an actor pool of ``EngineActor`` (one vLLM engine each), several
-   slices in flight per actor so the paged-attention scheduler never drains. With ``via_serve``
-   the rows go to a running Serve application's replicas instead.
-3. write: each result block is written as one content-addressed shard (temp name + rename), so a
-   retried block rewrites the same file: exactly once per id, even across task retries.
+1. plan: list and check the input (every format, duplicate ids) before any engine starts;
+   resume drops ids already committed.
+2. run: one slice of ``batch_size`` rows is one block. The inline executor (``inline.py``: one
+   in-process engine, or ``--via-serve``) or the Ray Data executor (``ray_executor.py``: an actor
+   pool of engines across a cluster) runs every block through the row contract
+   (``records.process_batch``).
+3. commit: each result block is written as one content-addressed shard (temp name + rename), so a
+   retried block rewrites the same file: exactly once per id, whichever executor ran it.
 
 After the stream ends, a verify pass over committed shards counts rows, errors, tokens and
 duplicate / missing ids, and writes ``_manifest.json``, ``_summary.json`` and ``_SUCCESS``.
@@ -29,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import io
-from pipeline.config import ConfigError, EngineConfig, Executor, InputFormat, JobConfig, Task
-from pipeline.records import ID, RowSpec, corpus_perplexity, process_batch, summarize
+from pipeline.config import ConfigError, Executor, InputFormat, JobConfig, Task
+from pipeline.records import ID, RowSpec, corpus_perplexity, summarize
 
 logger = logging.getLogger(__name__)
 HOLD_ENV = "GPT2_PIPELINE_HOLD_AFTER_SHARDS"
@@ -76,38 +75,6 @@ class Summary:
         return asdict(self)
 
 
-# ---- Ray Data UDFs ------------------------------------------------------------------------------
-class EngineActor:
-    """A Ray Data actor holding one engine replica; async so many rows run at once."""
-
-    def __init__(self, engine_config: EngineConfig, spec: RowSpec):
-        from pipeline.engine import Engine
-
-        self.engine = Engine(engine_config, spec.task)
-        self.spec = spec
-        self.ready = {READY_KEY: str(time.time()).encode()}  # the job's phase breakdown reads it
-
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.engine import PRIORITY_BATCH
-
-        out = await process_batch(self.engine, batch, self.spec, PRIORITY_BATCH)
-        return out.replace_schema_metadata(self.ready)
-
-
-class ServeClient:
-    """Sends each batch to a running Serve application's replicas (the same engine class)."""
-
-    def __init__(self, app_name: str, spec: RowSpec, job_id: str):
-        from ray import serve
-
-        self.handle = serve.get_app_handle(app_name)
-        self.spec = spec
-        self.job_id = job_id
-
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        return await self.handle.process_batch.remote(batch, self.spec, self.job_id)
-
-
 def read_items(items: list[dict], fs: Any, schema: pa.Schema, id_column: str, done: Optional[pa.Array]) -> pa.Table:
     """The rows of some slices, less the ids a previous run committed (``done``)."""
     tables = []
@@ -145,19 +112,6 @@ def _hold(fs: Any, folder: str, stop: Optional[threading.Event]) -> None:
         time.sleep(0 if stop is not None else 0.1)
 
 
-def _read_slice(items: pa.Table, *, fs: Any, schema: pa.Schema, id_column: str, done: Any) -> pa.Table:
-    import ray
-
-    return read_items(items.to_pylist(), fs, schema, id_column, None if done is None else ray.get(done))
-
-
-def _write_block(block: pa.Table, **kwargs: Any) -> pa.Table:
-    if block.num_rows == 0:
-        return pa.Table.from_pylist([])
-    return pa.Table.from_pylist([commit_block(block, **kwargs)])
-
-
-# ---- the job ------------------------------------------------------------------------------------
 def _slices(plan: io.InputPlan, size: int) -> list[dict[str, Any]]:
     out = []
     for fr in plan.fragments:
@@ -221,7 +175,8 @@ def run_job(
     )
     meta = {io.METADATA_KEY: _json({"job": fingerprint, "model": job.engine.model, "versions": versions()})}
     executor = job.resolved_executor(embedded=ray_address(job.address) is None)
-    runner = _start_inline(job, spec, clock, _batch_urls(plan)) if executor == Executor.inline else None
+    batch_urls = _batch_urls(plan)
+    runner = _start_inline(job, spec, clock, batch_urls) if executor == Executor.inline else None
     try:
         done = io.committed_ids(fs, folder, job.id_column) if job.resume else None
         skipped = 0 if done is None else len(done)
@@ -237,7 +192,9 @@ def run_job(
                 lambda block: commit_block(block, **write, stop=runner.stopping), in_flight=blocks * job.engine.replicas,
             )
         else:
-            stream = _ray_data_stream(job, spec, plan, slices, done, write, verbose, clock)
+            from pipeline import ray_executor
+
+            stream = ray_executor.stream(job, spec, plan, slices, done, write, verbose, clock, batch_urls)
         start = time.monotonic()
         status, message, totals = _consume(stream, job, plan, progress, clock)
     finally:
@@ -301,32 +258,6 @@ def _start_inline(job: JobConfig, spec: RowSpec, clock: _Clock, batch_urls: Opti
     return InlineRunner(serve_processor(job.via_serve, spec, job.output))
 
 
-def _ray_data_stream(job: JobConfig, spec: RowSpec, plan: io.InputPlan, slices: list[dict], done: Any,
-                     write: dict, verbose: bool, clock: _Clock) -> Iterator[dict]:
-    """The Ray Data executor: read tasks → engine actor pool → write tasks, one stats row per shard."""
-    from pipeline.runtime import init_ray
-
-    # --via-serve needs the cluster that runs the Serve app: join the running one, never start one.
-    init_ray(job.address or ("auto" if job.via_serve else None), job.num_cpus, verbose)
-    clock.mark("ray_start")
-    import ray
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = verbose
-    ctx.print_on_execution_start = verbose
-    ds = ray.data.from_items(slices, override_num_blocks=max(1, len(slices)))
-    ds = ds.map_batches(
-        _read_slice, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"fs": plan.fs, "schema": plan.schema, "id_column": job.id_column,
-                   "done": None if done is None else ray.put(done)},
-    )
-    ds = _engine_stage(ds, job, spec, _batch_urls(plan))
-    ds = ds.map_batches(_write_block, batch_size=None, batch_format="pyarrow", fn_kwargs=write)
-    for row in ds.iter_rows():
-        yield dict(row)
-
-
 def _consume(stream: Iterator[dict], job: JobConfig, plan: io.InputPlan,
              progress: Optional[Callable[[dict[str, int]], None]], clock: _Clock) -> tuple[str, str, dict[str, int]]:
     """Add up the shards' stats as they commit; stop on Ctrl-C or past the error-rate bound."""
@@ -358,36 +289,6 @@ def _consume(stream: Iterator[dict], job: JobConfig, plan: io.InputPlan,
         logger.exception("job failed")
         status, message = "failed", f"{type(exc).__name__}: {exc}"
     return status, message, totals
-
-
-def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[list[str]] = None) -> Any:
-    import ray.data
-
-    from pipeline.runtime import replica_resources
-
-    # The actors are async: concurrent calls put several blocks inside one engine at once.
-    blocks = blocks_per_replica(job.engine.max_num_seqs, job.batch_size)
-    compute = ray.data.ActorPoolStrategy(
-        size=job.engine.replicas, max_tasks_in_flight_per_actor=blocks, max_concurrent_calls_per_actor=blocks,
-    )
-    if job.via_serve:
-        return ds.map_batches(
-            ServeClient, batch_size=None, batch_format="pyarrow", compute=compute, num_cpus=0.1,
-            fn_constructor_kwargs={"app_name": job.via_serve, "spec": spec, "job_id": job.output},
-        )
-    if batch_urls is not None:  # an OpenAI Batch file: rows are requests, answered like the endpoint
-        from pipeline.openai_batch import BatchRequestActor
-
-        actor, kwargs = BatchRequestActor, {"engine_config": job.engine, "urls": batch_urls}
-    else:
-        actor, kwargs = EngineActor, {"engine_config": job.engine, "spec": spec}
-    resources = replica_resources(job.engine)
-    # One block (a slice of batch_size rows) per call; Ray Data insists on an explicit batch size
-    # when GPUs are requested, which here changes only how short (last or resumed) slices group.
-    return ds.map_batches(
-        actor, batch_size=job.batch_size if resources["num_gpus"] else None, batch_format="pyarrow", compute=compute,
-        num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"] or None, fn_constructor_kwargs=kwargs,
-    )  # Ray Data restarts dead engine actors and retries their blocks (max_restarts=-1 by default)
 
 
 def _verify(fs: Any, folder: str, job: JobConfig, plan: io.InputPlan, status: str, message: str,

@@ -108,7 +108,7 @@ def test_serve_replica_requests_its_gpus_from_ray(demo_model):
 def test_batch_actor_requests_its_gpus_from_ray(ray_cluster, demo_model):
     import ray.data
 
-    from pipeline.batch import _engine_stage
+    from pipeline.ray_executor import _engine_stage
     from pipeline.records import RowSpec
 
     job = JobConfig(input="x", output="y", engine=EngineConfig(model="demo", gpus_per_replica=4, tensor_parallel_size=4))

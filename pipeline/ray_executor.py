@@ -1,0 +1,121 @@
+"""The Ray Data executor: read tasks → an actor pool of engines (or Serve clients) → write tasks.
+
+Used for several engine replicas and on clusters. Each block is one slice of the input; the
+actors are async, so several blocks are inside one engine at once. Reading, the row contract and
+the shard writer are the batch module's, shared with the inline executor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import pyarrow as pa
+
+from pipeline import io
+from pipeline.batch import READY_KEY, blocks_per_replica, commit_block, read_items
+from pipeline.config import EngineConfig, JobConfig
+from pipeline.records import RowSpec, process_batch
+
+
+class EngineActor:
+    """A Ray Data actor holding one engine replica; async so many rows run at once."""
+
+    def __init__(self, engine_config: EngineConfig, spec: RowSpec):
+        from pipeline.engine import Engine
+
+        self.engine = Engine(engine_config, spec.task)
+        self.spec = spec
+        self.ready = {READY_KEY: str(time.time()).encode()}  # the job's phase breakdown reads it
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline.engine import PRIORITY_BATCH
+
+        out = await process_batch(self.engine, batch, self.spec, PRIORITY_BATCH)
+        return out.replace_schema_metadata(self.ready)
+
+
+class ServeClient:
+    """Sends each batch to a running Serve application's replicas (the same engine class)."""
+
+    def __init__(self, app_name: str, spec: RowSpec, job_id: str):
+        from ray import serve
+
+        self.handle = serve.get_app_handle(app_name)
+        self.spec = spec
+        self.job_id = job_id
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        return await self.handle.process_batch.remote(batch, self.spec, self.job_id)
+
+
+def _read_slice(items: pa.Table, *, fs: Any, schema: pa.Schema, id_column: str, done: Any) -> pa.Table:
+    import ray
+
+    return read_items(items.to_pylist(), fs, schema, id_column, None if done is None else ray.get(done))
+
+
+def _write_block(block: pa.Table, **kwargs: Any) -> pa.Table:
+    if block.num_rows == 0:
+        return pa.Table.from_pylist([])
+    return pa.Table.from_pylist([commit_block(block, **kwargs)])
+
+
+
+def stream(job: JobConfig, spec: RowSpec, plan: io.InputPlan, slices: list[dict], done: Any, write: dict,
+           verbose: bool, clock: Any, batch_urls: Optional[list[str]]) -> Iterator[dict]:
+    """The Ray Data executor: read tasks → engine actor pool → write tasks, one stats row per shard."""
+    from pipeline.runtime import init_ray
+
+    # --via-serve needs the cluster that runs the Serve app: join the running one, never start one.
+    init_ray(job.address or ("auto" if job.via_serve else None), job.num_cpus, verbose)
+    clock.mark("ray_start")
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    ds = ray.data.from_items(slices, override_num_blocks=max(1, len(slices)))
+    ds = ds.map_batches(
+        _read_slice, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"fs": plan.fs, "schema": plan.schema, "id_column": job.id_column,
+                   "done": None if done is None else ray.put(done)},
+    )
+    ds = _engine_stage(ds, job, spec, batch_urls)
+    ds = ds.map_batches(_write_block, batch_size=None, batch_format="pyarrow", fn_kwargs=write)
+    for row in ds.iter_rows():
+        yield dict(row)
+
+
+def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[list[str]] = None) -> Any:
+    import ray.data
+
+    from pipeline.runtime import replica_resources
+
+    # The actors are async: concurrent calls put several blocks inside one engine at once.
+    blocks = blocks_per_replica(job.engine.max_num_seqs, job.batch_size)
+    compute = ray.data.ActorPoolStrategy(
+        size=job.engine.replicas, max_tasks_in_flight_per_actor=blocks, max_concurrent_calls_per_actor=blocks,
+    )
+    if job.via_serve:
+        return ds.map_batches(
+            ServeClient, batch_size=None, batch_format="pyarrow", compute=compute, num_cpus=0.1,
+            fn_constructor_kwargs={"app_name": job.via_serve, "spec": spec, "job_id": job.output},
+        )
+    if batch_urls is not None:  # an OpenAI Batch file: rows are requests, answered like the endpoint
+        from pipeline.openai_batch import BatchRequestActor
+
+        actor, kwargs = BatchRequestActor, {"engine_config": job.engine, "urls": batch_urls}
+    else:
+        actor, kwargs = EngineActor, {"engine_config": job.engine, "spec": spec}
+    resources = replica_resources(job.engine)
+    # One block (a slice of batch_size rows) per call; Ray Data insists on an explicit batch size
+    # when GPUs are requested, which here changes only how short (last or resumed) slices group.
+    return ds.map_batches(
+        actor, batch_size=job.batch_size if resources["num_gpus"] else None, batch_format="pyarrow", compute=compute,
+        num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"] or None, fn_constructor_kwargs=kwargs,
+    )  # Ray Data restarts dead engine actors and retries their blocks (max_restarts=-1 by default)
+
+

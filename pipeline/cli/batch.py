@@ -71,8 +71,9 @@ def run(
 @app.command()
 def score(
     spec: Spec = None,
-    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Parquet file, folder, glob or URI.")] = None,
+    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Parquet, JSONL or CSV file, folder, glob or URI.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder or URI.")] = None,
+    input_format: InputFormatOpt = None, dedupe: DedupeOpt = None,
     model: Model = None,
     prompt_column: Annotated[Optional[str], typer.Option(help="Column holding the texts.")] = None,
     id_column: Annotated[Optional[str], typer.Option(help="Column holding input ids.")] = None,
@@ -83,16 +84,17 @@ def score(
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue a stopped job.")] = None,
     via_serve: Annotated[Optional[str], typer.Option(help="Send rows through this running Serve app (e.g. gpt2).")] = None,
     replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, dtype: DtypeOpt = None,
-    max_model_len: MaxModelLen = None, address: Address = None,
+    max_model_len: MaxModelLen = None, offline: Offline = None, address: Address = None,
     num_cpus: Annotated[Optional[int], typer.Option(help="Logical CPUs for an embedded Ray (default 8).")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Perplexity: each text's mean negative log-likelihood per token (nll) and exp(nll), long texts by sliding window."""
     overrides = {
         "input": input, "output": output, "task": Task.score.value, "prompt_column": prompt_column,
+        "input_format": input_format.value if input_format else None, "dedupe": dedupe.value if dedupe else None,
         "id_column": id_column, "passthrough": passthrough or None, "batch_size": batch_size,
         "overwrite": overwrite, "resume": resume, "via_serve": via_serve, "address": address, "num_cpus": num_cpus,
-        "engine": _engine_flags(model, replicas, gpus_per_replica, None, dtype, max_model_len),
+        "engine": {**_engine_flags(model, replicas, gpus_per_replica, None, dtype, max_model_len), "offline": offline},
         "score": _score_flags(stride, score_first_token, token_logprobs),
     }
     run_job_cli(_load(JobConfig, spec, overrides), verbose)

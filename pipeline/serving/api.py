@@ -75,11 +75,9 @@ def prepare(engine: Engine, req: CompletionRequest, max_prompts: int) -> Prepare
     return Prepared(sampling, _encode(engine, req.prompts(), sampling.max_tokens, max_prompts, "prompt"))
 
 
-def _logprobs(sample: Sample, offset: int) -> Optional[CompletionLogprobs]:
-    if sample.logprobs is None:
-        return None
-    lp = CompletionLogprobs()
-    for t in sample.logprobs:
+def _extend(lp: CompletionLogprobs, entries: Any, offset: int) -> CompletionLogprobs:
+    """Append tokens' logprobs, their offsets counted over the text from ``offset``."""
+    for t in entries:
         lp.text_offset.append(offset)
         lp.tokens.append(t.token)
         lp.token_logprobs.append(t.logprob)
@@ -88,19 +86,16 @@ def _logprobs(sample: Sample, offset: int) -> Optional[CompletionLogprobs]:
     return lp
 
 
+def _logprobs(sample: Sample, offset: int) -> Optional[CompletionLogprobs]:
+    return None if sample.logprobs is None else _extend(CompletionLogprobs(), sample.logprobs, offset)
+
+
 def _prompt_logprobs(text: str, entries: list[Optional[TokenLogprob]], tokenizer: Any, first_id: int) -> CompletionLogprobs:
     """The echoed prompt's logprobs, as OpenAI's legacy API gave them: the first token has none."""
     rest = "".join(e.token for e in entries[1:] if e is not None)
     first = text[: len(text) - len(rest)] if text.endswith(rest) else tokenizer.decode([first_id])
     lp = CompletionLogprobs(text_offset=[0], token_logprobs=[None], tokens=[first], top_logprobs=[None])
-    offset = len(first)
-    for e in entries[1:]:
-        lp.text_offset.append(offset)
-        lp.tokens.append(e.token)
-        lp.token_logprobs.append(e.logprob)
-        lp.top_logprobs.append(e.top)
-        offset += len(e.token)
-    return lp
+    return _extend(lp, entries[1:], len(first))
 
 
 async def complete(engine: Engine, req: CompletionRequest, job: Prepared, model: str, priority: int,

@@ -251,9 +251,16 @@ def _start_inline(job: JobConfig, spec: RowSpec, clock: _Clock, batch_urls: Opti
         return InlineRunner(inline_processor(job.engine, batch_urls))
     if job.via_serve is None:
         return InlineRunner(engine_processor(job.engine, spec))
+    from ray import serve
+
     from pipeline.runtime import init_ray
 
-    init_ray(job.address or "auto")  # --via-serve joins the cluster that runs the Serve app
+    try:
+        init_ray(job.address or "auto")  # --via-serve joins the cluster that runs the Serve app
+        serve.get_app_handle(job.via_serve)
+    except Exception as exc:  # noqa: BLE001 - no cluster, or no such app: say so before anything runs
+        raise ConfigError(f"--via-serve {job.via_serve!r}: no running Serve application of that name "
+                          f"({type(exc).__name__}: {exc}); start one with `gpt2-pipeline serve --name {job.via_serve}`") from None
     clock.mark("ray_start")
     return InlineRunner(serve_processor(job.via_serve, spec, job.output))
 

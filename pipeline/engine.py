@@ -390,10 +390,12 @@ class Engine:
     def queued(self) -> int:
         return self._llm.get_num_unfinished_requests()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Stop the engine process (``timeout``: seconds it gets to exit before it is killed;
+        vLLM's default is 5)."""
         llm, self._llm = self._llm, None  # freed now: vLLM's __del__ at interpreter exit is noisy
         if llm is not None:
-            llm.shutdown()
+            llm.shutdown(timeout=timeout)
 
 
 def complete_once(config: EngineConfig, prompt: Any, sampling: SamplingConfig) -> Completion:

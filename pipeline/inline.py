@@ -71,10 +71,10 @@ def discard_engine(engine: Any) -> None:
     engine.shutdown()
 
 
-def shutdown_warm() -> None:
+def shutdown_warm(timeout: Optional[float] = None) -> None:
     """Shut every warm engine down (at exit, or when a caller wants the memory back)."""
     while _warm:
-        _warm.popitem()[1].shutdown()
+        _warm.popitem()[1].shutdown(timeout)
 
 
 class InlineRunner:

@@ -89,9 +89,6 @@ def run_with_progress(job: JobConfig, verbose: bool = False) -> Summary:
             if log:
                 console.print(f"logs: {log}", highlight=False)
             raise
-        from pipeline.inline import shutdown_warm
-
-        shutdown_warm(timeout=1.0)  # one job per command: an idle engine need not linger (its logs go to the file)
         kept = _keep_log(log, job.output)
     print_summary(summary)
     if kept:

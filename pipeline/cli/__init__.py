@@ -32,3 +32,16 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    finally:
+        _release_engines()
+
+
+def _release_engines() -> None:
+    """A command runs one job: its in-process engine gets 1 s to exit (vLLM waits 5 s, then kills
+    it and says so), and the terminal keeps only our own output."""
+    inline = sys.modules.get("pipeline.inline")
+    if inline is not None:
+        import logging
+
+        logging.getLogger("vllm").setLevel(logging.ERROR)
+        inline.shutdown_warm(timeout=1.0)

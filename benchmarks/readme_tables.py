@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 OFFLINE_NAMES = {"ours": "**gpt2-pipeline run**", "raw_vllm": "raw `vllm.LLM.generate`",
+                 "raw_vllm_1proc": "raw `vllm.LLM.generate`, one process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`)",
                  "ray_data_llm": "Ray Data LLM (`build_processor`)", "hf_transformers": "HF `generate`, batched"}
 ONLINE_NAMES = {"vllm": "`vllm serve`", "ours": "**ours, direct ingress**", "ours-proxy": "ours, Serve proxy ingress"}
 

@@ -17,6 +17,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per engine, as in a Ray actor with one CPU: batch-invariant, so repeated runs give
+# bit-identical logprobs (with every core, in-process engines agree to float rounding only).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

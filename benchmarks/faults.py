@@ -91,7 +91,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="g2p-faults-"))
     write_prompt_set(work / "in.parquet", args.rows, seed=1, row_group_size=32)
     out = work / "out"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # A removed node is noticed after 5 failed health checks 1 s apart (Ray's default: 3 s apart).
+    health = {"health_check_period_ms": 1000, "health_check_timeout_ms": 5000, "health_check_failure_threshold": 5}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "_system_config": health})
     workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     job = JobConfig(input=str(work / "in.parquet"), output=str(out), batch_size=args.batch_size,

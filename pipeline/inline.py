@@ -49,9 +49,11 @@ def background_loop() -> asyncio.AbstractEventLoop:
 def warm_engine(config: Any, task: Any) -> Any:
     """An engine for these settings: the warm one if there is one, else a new one (call on the
     background loop). Builds outside the cache's limit shut the least recently used one down."""
+    from pipeline.config import Task
     from pipeline.engine import Engine
 
-    key = (config.model_dump_json(), str(getattr(task, "value", task)))
+    task = Task.embed if Task(task) == Task.embed else Task.generate  # scoring runs on a generation engine
+    key = (config.model_dump_json(), task.value)
     if key in _warm:
         _warm.move_to_end(key)
         return _warm[key]

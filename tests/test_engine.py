@@ -87,3 +87,27 @@ def test_cancel_frees_the_slot(engine, loop):
 
     assert loop.run(start_and_cancel())
     assert engine.in_flight == 0
+
+
+def test_cpu_engine_runs_its_model_in_the_engine_core_process(engine):
+    """One engine-core process per engine and no separate vLLM worker process; the switch that
+    allows it (V1 multiprocessing off while the config is built) does not leak into this process."""
+    import os
+
+    import psutil
+
+    tree = [" ".join(p.cmdline()) + " " + p.name() for p in psutil.Process().children(recursive=True)
+            if p.is_running()]
+    assert any("EngineCore" in t for t in tree), tree
+    assert not any("VLLM::Worker" in t or "VllmWorker" in t for t in tree), tree
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+
+
+def test_scoring_shares_the_warm_generation_engine(engine, loop):
+    from pipeline.config import EngineConfig, Task
+    from pipeline.inline import warm_engine
+
+    async def get(task: Task):
+        return warm_engine(EngineConfig(model="demo"), task)
+
+    assert loop.run(get(Task.score)) is engine and loop.run(get(Task.generate)) is engine

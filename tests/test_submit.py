@@ -62,10 +62,10 @@ def _end(head: subprocess.Popen) -> None:
     procs += [p for p in psutil.process_iter() if _pgid(p) == head.pid and p not in procs]
     head.send_signal(signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=3)  # a throwaway head: what has not stopped by then is killed
     except subprocess.TimeoutExpired:
         pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    _, alive = psutil.wait_procs(procs, timeout=2)
     for p in alive:
         try:
             p.kill()

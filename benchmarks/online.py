@@ -161,6 +161,7 @@ class Server:
     monitor: Any = None
     startup_s: Optional[float] = None
     notes: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def vllm_command(model: str, port: int, stream_interval: int = 1) -> tuple[list[str], dict[str, Any]]:
@@ -235,7 +236,7 @@ def start(server: Server) -> None:
 
     server.log.parent.mkdir(parents=True, exist_ok=True)
     with open(server.log, "w") as log:  # the child keeps its own copy of the descriptor
-        server.proc = subprocess.Popen(server.cmd, stdout=log, stderr=subprocess.STDOUT, env=bench_env(),
+        server.proc = subprocess.Popen(server.cmd, stdout=log, stderr=subprocess.STDOUT, env=bench_env(server.env),
                                        start_new_session=True)
     server.monitor = TreeMonitor(server.proc.pid, interval=1.0).start()
 
@@ -338,10 +339,14 @@ def run_system(a: argparse.Namespace, system: str, work: Path, prompts: list[str
 
     port = free_port()
     out: dict[str, Any] = {"system": system}
-    if system == "vllm":
+    env: dict[str, str] = {}
+    if system in ("vllm", "vllm-1proc"):
         cmd, kw = vllm_command(a.model, port, a.stream_interval)
         out["engine_kwargs"] = {k: str(v) for k, v in kw.items()}
         notes: list[str] = []
+        if system == "vllm-1proc":  # the model inside the engine-core process, as our CPU engines run it
+            env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+            notes.append("VLLM_ENABLE_V1_MULTIPROCESSING=0: no separate worker process")
     else:
         # "ours": the default (auto ingress: direct on this embedded Ray); "ours-proxy": through Serve's proxy
         ingress = system.split("-", 1)[1] if "-" in system else None
@@ -349,7 +354,7 @@ def run_system(a: argparse.Namespace, system: str, work: Path, prompts: list[str
         if cmd is None:
             print(f"skipping ours: {notes[0]}", flush=True)
             return {**out, "status": "skipped", "reason": notes[0]}
-    server = Server(system, cmd, f"http://127.0.0.1:{port}", work / f"server-{system}.log", notes=notes)
+    server = Server(system, cmd, f"http://127.0.0.1:{port}", work / f"server-{system}.log", notes=notes, env=env)
     out.update(command=" ".join(cmd), notes=notes)
     print(f"[{time.strftime('%H:%M:%S')}] starting {system}: {' '.join(cmd)}", flush=True)
     try:
@@ -445,7 +450,7 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo", help="Model to serve (and the 'model' field of each request).")
     p.add_argument("--systems", default="vllm,ours,ours-proxy",
-                   help="Comma list, run one after the other: vllm, ours (default ingress), ours-proxy, ours-direct.")
+                   help="Comma list, run one after the other: vllm, vllm-1proc (VLLM_ENABLE_V1_MULTIPROCESSING=0), ours (default ingress), ours-proxy, ours-direct.")
     p.add_argument("--stream-interval", type=int, default=1, help="Tokens per streamed chunk, for every server.")
     p.add_argument("--base-url", default=None, help="Measure this running server instead (nothing is started).")
     p.add_argument("--concurrency", default="1,8,32", help="Concurrent streams per level.")

@@ -46,7 +46,10 @@ def ray_address(address: Optional[str] = None) -> Optional[str]:
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verbose: bool = False) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), else start an embedded local Ray."""
+    """Connect to ``address`` (or RAY_ADDRESS), else start an embedded local Ray.
+
+    Embedded means a new one: never a cluster that ``ray start`` left on this machine (Ray's own
+    default joins it, and fails when it is gone or when ``num_cpus`` is given)."""
     import ray
 
     if ray.is_initialized():
@@ -62,7 +65,8 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, verb
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or max(DEFAULT_LOCAL_CPUS, os.cpu_count() or 1), include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus or max(DEFAULT_LOCAL_CPUS, os.cpu_count() or 1),
+                 include_dashboard=False, **kwargs)
 
 
 def versions() -> dict[str, str]:

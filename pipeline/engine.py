@@ -89,7 +89,8 @@ def _engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, co
 
 _MP_KEY = "VLLM_ENABLE_V1_MULTIPROCESSING"
 _ENV_LOCK = threading.Lock()
-_ENV_USERS: list[Optional[str]] = []  # [value before, one entry per engine starting]
+_starting = 0  # engines being built with the switch on (serve starts two side by side)
+_mp_before: Optional[str] = None  # the variable's value before the first of them
 
 
 @contextmanager
@@ -106,22 +107,22 @@ def _model_in_engine_core(args: Any) -> Iterator[None]:
     if not current_platform.is_cpu() or args.tensor_parallel_size != 1:
         yield
         return
-    with _ENV_LOCK:  # engines may start side by side (serve): the first sets, the last restores
-        if not _ENV_USERS:
-            _ENV_USERS.append(os.environ.get(_MP_KEY))
+    global _starting, _mp_before
+    with _ENV_LOCK:  # the first engine starting sets it, the last one restores it
+        if _starting == 0:
+            _mp_before = os.environ.get(_MP_KEY)
             os.environ[_MP_KEY] = "0"
-        _ENV_USERS.append(None)
+        _starting += 1
     try:
         yield
     finally:
         with _ENV_LOCK:
-            _ENV_USERS.pop()
-            if len(_ENV_USERS) == 1:
-                before = _ENV_USERS.pop()
-                if before is None:
+            _starting -= 1
+            if _starting == 0:
+                if _mp_before is None:
                     os.environ.pop(_MP_KEY, None)
                 else:
-                    os.environ[_MP_KEY] = before
+                    os.environ[_MP_KEY] = _mp_before
 
 
 class Engine:

@@ -6,7 +6,7 @@
 
 Same model, same prompts (one Parquet set), same sampling (temperature 1.0, no top_p, ignore_eos,
 fixed max_tokens, so every system does exactly rows x max_tokens decode steps), same engine
-arguments (read from ``pipeline.engine._engine_args``), same replica count. Each system runs in
+arguments (read from ``pipeline.engine.engine_args``), same replica count. Each system runs in
 its own subprocess, one after the other, while this driver samples its whole process tree
 (RSS/PSS, CPU). Results: a table on stdout, ``benchmarks/results/offline-<model>.json`` and
 ``benchmarks/results/offline-<model>.png``.
@@ -39,11 +39,11 @@ SHORT = {"ours": "ours", "raw_vllm": "raw vLLM", "raw_vllm_1proc": "raw vLLM 1pr
 # What both the driver and the workers need
 # ================================================================================================
 def engine_kwargs(model: str) -> dict[str, Any]:
-    """Exactly the vLLM engine arguments our engine uses (read back from ``_engine_args``)."""
+    """Exactly the vLLM engine arguments our engine uses (read back from ``engine_args``)."""
     from pipeline.config import EngineConfig, Task
-    from pipeline.engine import _engine_args
+    from pipeline.engine import engine_args
 
-    args = _engine_args(EngineConfig(model=model), Task.generate, False)
+    args = engine_args(EngineConfig(model=model), Task.generate, False)
     keys = ("model", "served_model_name", "dtype", "max_model_len", "max_num_seqs", "tensor_parallel_size",
             "enable_prefix_caching", "enforce_eager", "gpu_memory_utilization", "disable_log_stats", "seed",
             "enable_chunked_prefill", "kv_cache_memory_bytes")

@@ -165,7 +165,7 @@ class Server:
 
 
 def vllm_command(model: str, port: int, stream_interval: int = 1) -> tuple[list[str], dict[str, Any]]:
-    """vLLM's own OpenAI server with our engine's arguments (read from ``_engine_args``)."""
+    """vLLM's own OpenAI server with our engine's arguments (read from ``engine_args``)."""
     from offline import engine_kwargs  # the same helper as the offline benchmark
 
     from pipeline.models import CONTEXT_LENGTH

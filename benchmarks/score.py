@@ -4,7 +4,7 @@
     python benchmarks/score.py --model gpt2-small-random --rows 2000 --hf-rows 256
 
 Same model, same texts (one Parquet set; texts of 2..context-1 tokens, so no system needs a
-sliding window), same engine arguments (``pipeline.engine._engine_args``). Systems, one after
+sliding window), same engine arguments (``pipeline.engine.engine_args``). Systems, one after
 the other, each in its own subprocess sampled by the driver (RSS/PSS, CPU):
 
 - ours: ``gpt2-pipeline score`` end to end (Ray Data, engine actor, Parquet shards, verify pass);

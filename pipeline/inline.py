@@ -59,7 +59,7 @@ def warm_engine(config: Any, task: Any) -> Any:
         return _warm[key]
     while len(_warm) >= WARM_ENGINES:
         _warm.popitem(last=False)[1].shutdown()
-    _warm[key] = engine = Engine(config, task)
+    _warm[key] = engine = Engine(config, task, in_process=True)
     atexit.unregister(shutdown_warm)  # run before vLLM's own exit hooks (atexit is last-in, first-out)
     atexit.register(shutdown_warm)
     return engine

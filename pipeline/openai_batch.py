@@ -113,8 +113,8 @@ class BatchRequestActor(BatchAnswerer):
 
         both = COMPLETIONS in urls and EMBEDDINGS in urls  # then they split the GPUs' memory
         super().__init__(engine_config.name,
-                         Engine(engine_config, Task.generate, colocated=both) if COMPLETIONS in urls else None,
-                         Engine(engine_config, Task.embed, colocated=both) if EMBEDDINGS in urls else None)
+                         Engine(engine_config, Task.generate, colocated=both, in_process=True) if COMPLETIONS in urls else None,
+                         Engine(engine_config, Task.embed, colocated=both, in_process=True) if EMBEDDINGS in urls else None)
 
 
 def inline_processor(engine_config: EngineConfig, urls: list[str]) -> Any:

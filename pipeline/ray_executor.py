@@ -25,7 +25,7 @@ class EngineActor:
     def __init__(self, engine_config: EngineConfig, spec: RowSpec):
         from pipeline.engine import Engine
 
-        self.engine = Engine(engine_config, spec.task)
+        self.engine = Engine(engine_config, spec.task, in_process=True)
         self.spec = spec
         self.ready = {READY_KEY: str(time.time()).encode()}  # the job's phase breakdown reads it
 

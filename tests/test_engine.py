@@ -89,9 +89,10 @@ def test_cancel_frees_the_slot(engine, loop):
     assert engine.in_flight == 0
 
 
-def test_cpu_engine_runs_its_model_in_the_engine_core_process(engine):
-    """One engine-core process per engine and no separate vLLM worker process; the switch that
-    allows it (V1 multiprocessing off while the config is built) does not leak into this process."""
+def test_job_engine_runs_vllm_in_this_process(engine, loop):
+    """A job's CPU engine runs vLLM's engine core, model included, in this process: no engine-core
+    or worker child to start (or to orphan when the process is killed), and the switch that
+    allows it (V1 multiprocessing off while the config is built) does not leak."""
     import os
 
     import psutil
@@ -102,10 +103,77 @@ def test_cpu_engine_runs_its_model_in_the_engine_core_process(engine):
         except psutil.Error:  # Ray's idle workers come and go
             return ""
 
-    tree = [title(p) for p in psutil.Process().children(recursive=True)]
-    assert any("EngineCore" in t for t in tree), tree
-    assert not any("VLLM::Worker" in t or "VllmWorker" in t for t in tree), tree
+    assert engine.in_process
+    titles = [title(p) for p in psutil.Process().children()]  # AsyncLLM's engine core would be one
+    assert not any("EngineCore" in t or "VLLM::Worker" in t for t in titles), titles
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    done = loop.run(engine.complete(engine.encode(PROMPTS[0]), SamplingConfig(max_tokens=4, temperature=0)))
+    assert len(done.samples[0].token_ids) == 4 and engine.queued == 0
+
+
+def test_second_engine_of_a_process_runs_its_core_apart(engine, loop):
+    """vLLM's model state is per process: while a job's engine runs in-process, a second engine
+    (a mixed Batch file's pooling engine) gets an engine-core process, and both answer at once."""
+    from pipeline.config import EngineConfig, Task
+    from pipeline.inline import warm_engine
+
+    async def embedder():
+        return warm_engine(EngineConfig(model="demo"), Task.embed)
+
+    embed = loop.run(embedder())
+    assert engine.in_process and not embed.in_process
+
+    async def both():
+        return await asyncio.gather(engine.complete(engine.encode(PROMPTS[1]), SamplingConfig(max_tokens=4)),
+                                    embed.embed(embed.encode(PROMPTS[1])))
+
+    done, vec = loop.run(both())
+    assert len(done.samples[0].token_ids) == 4 and len(vec) == embed.hidden_size
+
+
+DEAD_ENGINE = """
+import asyncio
+import pytest
+from pipeline.config import EngineConfig, SamplingConfig
+from pipeline.engine import Engine, EngineFatalError
+
+async def main():
+    engine = Engine(EngineConfig(model="demo"), in_process=True)
+    assert engine.in_process
+    ids = engine.encode("The history of the city begins")
+    first = asyncio.ensure_future(engine.complete(ids, SamplingConfig(max_tokens=900, ignore_eos=True)))
+    while engine.queued == 0:
+        await asyncio.sleep(0.01)
+
+    def broken_step():
+        raise RuntimeError("injected failure")
+
+    engine._llm._engine.step = broken_step  # the next step raises, as a crashing model would
+    with pytest.raises(EngineFatalError, match="injected failure"):
+        await first
+    with pytest.raises(EngineFatalError):
+        await engine.complete(ids, SamplingConfig(max_tokens=4))
+    with pytest.raises(EngineFatalError):
+        await engine.check_health()
+    engine.shutdown()
+    print("DEAD-ENGINE-OK")
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_dead_in_process_engine_fails_every_request_and_health(tmp_path):
+    """A step that raises kills the in-process engine: the request waiting and new ones get
+    EngineFatalError and the health check fails (what a job and a batch actor act on). In a
+    process of its own: the session's engine holds this process's in-process slot."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "dead_engine.py"
+    script.write_text(DEAD_ENGINE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert "DEAD-ENGINE-OK" in done.stdout, done.stderr[-3000:]
 
 
 def test_scoring_shares_the_warm_generation_engine(engine, loop):

@@ -9,7 +9,7 @@ import pytest
 from vllm.platforms.interface import Platform, PlatformEnum
 
 from pipeline.config import ConfigError, EngineConfig, JobConfig, ServeConfig, Task, build
-from pipeline.engine import _CPU_KV_CACHE_BYTES, _engine_args
+from pipeline.engine.args import _CPU_KV_CACHE_BYTES, engine_args
 
 
 class SimulatedCuda(Platform):
@@ -23,7 +23,7 @@ CUDA = SimulatedCuda()
 
 
 def args(config: EngineConfig, task: Task = Task.generate, priority: bool = False, colocated: bool = False, platform=CUDA):
-    return _engine_args(config, task, priority, colocated, platform)
+    return engine_args(config, task, priority, colocated, platform)
 
 
 def test_serve_replica_splits_gpu_memory_between_its_two_engines(demo_model):
@@ -90,7 +90,7 @@ def test_gpus_per_replica_and_tensor_parallel_must_agree():
 
 def test_cpu_path_is_unchanged(demo_model):
     cfg = EngineConfig(model="demo")
-    for a in (_engine_args(cfg, Task.generate, True), _engine_args(cfg, Task.embed, False, colocated=True)):
+    for a in (engine_args(cfg, Task.generate, True), engine_args(cfg, Task.embed, False, colocated=True)):
         assert a.dtype == "float32" and a.enforce_eager is True and a.gpu_memory_utilization == 0.3
         assert a.kv_cache_memory_bytes == _CPU_KV_CACHE_BYTES and a.enable_chunked_prefill is False
         assert a.tensor_parallel_size == 1 and a.distributed_executor_backend is None

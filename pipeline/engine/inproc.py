@@ -1,0 +1,173 @@
+"""vLLM's engine core in the caller's process: ``LLMEngine`` stepped by one thread, behind the
+part of ``AsyncLLM``'s interface that ``Engine`` uses (``generate``, ``encode``, ``check_health``,
+``get_num_unfinished_requests``, ``shutdown``).
+
+For jobs on a CPU (the inline executor, batch actors, ``generate``). ``AsyncLLM`` always runs its
+engine core in a second process, which imports vLLM again (8-10 s of a short job here) and costs
+an inter-process hop per step. Here a thread owns the engine: it takes new requests and aborts
+from an inbox, steps while any request is unfinished, and hands each ``RequestOutput`` to its
+request's asyncio queue on the caller's loop. The model's kernels release the GIL, so the
+caller's loop keeps running while a step computes. The serving path keeps ``AsyncLLM``: its HTTP
+work would compete with the steps for the GIL.
+
+If a step raises, the engine is dead: every request, queued or new, gets vLLM's
+``EngineDeadError``, as from ``AsyncLLM``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+Put = Callable[[Any], None]
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: Any
+    params: Any
+    priority: int
+    put: Put  # hands an output (or an exception) to the request's queue on the caller's loop
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class InprocLLM:
+    """``LLMEngine`` in this process, driven by a thread; async per-request streams."""
+
+    def __init__(self, args: Any):
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        self._engine = LLMEngine.from_engine_args(args)
+        self.model_config = self._engine.model_config
+        # the caller encodes while the engine thread detokenizes: each gets its own tokenizer
+        self._tokenizer = copy.deepcopy(self._engine.get_tokenizer())
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # closing vs. sending: nothing lands in a dead inbox
+        self._closed = False
+        self._error: Optional[str] = None
+        self._streams: dict[str, Put] = {}  # owned by the engine thread
+        self._thread = threading.Thread(target=self._run, name="vllm-engine-core", daemon=True)
+        self._thread.start()
+
+    # ---- AsyncLLM's interface ------------------------------------------------------------
+    def get_tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def get_num_unfinished_requests(self) -> int:
+        return self._engine.get_num_unfinished_requests() if self._engine is not None else 0
+
+    async def generate(self, prompt: Any, params: Any, request_id: str, *, priority: int = 0) -> AsyncIterator[Any]:
+        """vLLM's outputs for one request (``params``: sampling or pooling); closing the
+        iterator early aborts the request."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, item)
+            except RuntimeError:  # the caller's loop is gone: nobody is waiting
+                pass
+
+        self._send(_Add(request_id, prompt, params, priority, put))
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._send(_Abort(request_id), quiet=True)
+
+    encode = generate  # pooling requests take the same path, with PoolingParams
+
+    async def check_health(self) -> None:
+        if self._closed:
+            raise self._dead()
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Stop the thread (after its current step) and free the engine."""
+        with self._lock:
+            self._closed = True
+            self._error = self._error or "the engine was shut down"
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=timeout or 30)
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.engine_core.shutdown()
+
+    # ---- the engine thread ---------------------------------------------------------------
+    def _dead(self) -> BaseException:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        return EngineDeadError(self._error or "the engine stopped")
+
+    def _send(self, item: Any, quiet: bool = False) -> None:
+        with self._lock:
+            if not self._closed:
+                self._inbox.put(item)
+                self._wake.set()
+                return
+        if not quiet:
+            raise self._dead()
+
+    def _run(self) -> None:
+        try:
+            while not self._closed:
+                self._take_inbox()
+                if not self._engine.has_unfinished_requests():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                for out in self._engine.step():
+                    put = self._streams.get(out.request_id)
+                    if put is not None:
+                        if out.finished:
+                            del self._streams[out.request_id]
+                        put(out)
+        except BaseException as exc:  # noqa: BLE001 - the engine is dead: tell every request
+            logger.exception("vLLM's in-process engine failed")
+            self._error = f"{type(exc).__name__}: {exc}"
+        finally:
+            with self._lock:
+                self._closed = True
+            while not self._inbox.empty():
+                item = self._inbox.get_nowait()
+                if isinstance(item, _Add):
+                    item.put(self._dead())
+            for put in self._streams.values():
+                put(self._dead())
+            self._streams.clear()
+
+    def _take_inbox(self) -> None:
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if isinstance(item, _Abort):
+                if self._streams.pop(item.request_id, None) is not None:
+                    self._engine.abort_request([item.request_id])
+            elif item.request_id in self._streams:
+                item.put(ValueError(f"request id {item.request_id!r} is already running"))
+            else:
+                try:
+                    self._engine.add_request(item.request_id, item.prompt, item.params, priority=item.priority)
+                except Exception as exc:  # noqa: BLE001 - a bad request fails alone (as in AsyncLLM)
+                    item.put(exc)
+                else:
+                    self._streams[item.request_id] = item.put

@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--startup-timeout", type=float, default=600)
+    p.add_argument("--name", default=None, help="Results file stem (default online-vllm-bench-<model>).")
     a = p.parse_args()
 
     from _common import RESULTS, free_port, write_json
@@ -88,7 +89,7 @@ def main() -> None:
                   f"({lo['median_ttft_ms']:.0f} vs {lv['median_ttft_ms']:.0f} ms)")
         print(f"  round {rnd}, start-up until /v1/models answers: ours {by['ours'].get('startup_s')} s, "
               f"vLLM {by['vllm'].get('startup_s')} s")
-    write_json(RESULTS / f"online-vllm-bench-{a.model}.json", {"args": vars(a), "runs": runs,
+    write_json(RESULTS / f"{a.name or 'online-vllm-bench-' + a.model}.json", {"args": vars(a), "runs": runs,
                                                                 "date": time.strftime("%Y-%m-%d")})
 
 

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 HOLD_ENV = "GPT2_PIPELINE_HOLD_AFTER_SHARDS"
 READY_KEY = b"gpt2_pipeline_engine_ready"  # block metadata: when the engine that ran it was ready (unix s)
 MIN_BLOCKS_PER_REPLICA = 4
+LEAD_ROWS = 8  # --via-serve: the first slice's rows, run alone so a warm fleet commits a shard at once
 MAX_BLOCKS_PER_REPLICA = 32
 
 
@@ -112,15 +113,18 @@ def _hold(fs: Any, folder: str, stop: Optional[threading.Event]) -> None:
         time.sleep(0 if stop is not None else 0.1)
 
 
-def _slices(plan: io.InputPlan, size: int) -> list[dict[str, Any]]:
+def _slices(plan: io.InputPlan, size: int, lead: Optional[int] = None) -> list[dict[str, Any]]:
+    """Slices of ``size`` rows (``lead``: the first one has that many rows instead)."""
     out = []
     for fr in plan.fragments:
         dropped = plan.dropped.get(fr.name, [])
-        for start in range(0, fr.rows, size):
-            length = min(size, fr.rows - start)
+        start = 0
+        while start < fr.rows:
+            length = min(lead if lead and not out else size, fr.rows - start)
             lo = fr.offset + start
             drop = [i - lo for i in dropped[bisect_left(dropped, lo):bisect_left(dropped, lo + length)]]
             out.append({"fragment": asdict(fr), "start": start, "length": length, "drop": drop})
+            start += length
     return out
 
 
@@ -183,13 +187,16 @@ def run_job(
         done = None if done is None else done.cast(plan.id_type)
         if on_plan:
             on_plan(plan.total_rows - skipped)
-        slices = _slices(plan, job.batch_size)
+        # A warm fleet (--via-serve) first runs a small slice alone: the first shard lands at once.
+        lead = LEAD_ROWS if job.via_serve is not None and LEAD_ROWS < job.batch_size else None
+        slices = _slices(plan, job.batch_size, lead)
         blocks = blocks_per_replica(job.engine.max_num_seqs, job.batch_size)
         write = {"fs": fs, "folder": folder, "id_column": job.id_column, "metadata": meta}
         if runner is not None:
             stream = runner.run(
                 ([item] for item in slices), lambda items: read_items(items, plan.fs, plan.schema, job.id_column, done),
                 lambda block: commit_block(block, **write, stop=runner.stopping), in_flight=blocks * job.engine.replicas,
+                lead=lead is not None,
             )
         else:
             from pipeline import ray_executor

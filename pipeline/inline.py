@@ -105,15 +105,17 @@ class InlineRunner:
         self._processor = asyncio.run_coroutine_threadsafe(build(), self._loop)
 
     def run(self, items: Iterable[Any], read: Callable[[Any], pa.Table], write: Callable[[pa.Table], dict],
-            in_flight: int) -> Iterator[dict]:
+            in_flight: int, lead: bool = False) -> Iterator[dict]:
         """Read, process and write every item; yield each write's stats as it completes.
+        ``lead``: the first item runs alone, the others start once it is written.
 
         A processor failure (a dead engine) stops the run and is raised here; shards already
         committed stay, so ``--resume`` continues the job.
         """
         results: queue.Queue = queue.Queue()
         self._finished.clear()
-        self._job = asyncio.run_coroutine_threadsafe(self._run_all(items, read, write, in_flight, results), self._loop)
+        self._job = asyncio.run_coroutine_threadsafe(self._run_all(items, read, write, in_flight, lead, results),
+                                                     self._loop)
         while True:
             item = results.get()
             if item is _DONE:
@@ -124,7 +126,7 @@ class InlineRunner:
             yield item
 
     async def _run_all(self, items: Iterable[Any], read: Callable[[Any], pa.Table],
-                       write: Callable[[pa.Table], dict], in_flight: int, results: queue.Queue) -> None:
+                       write: Callable[[pa.Table], dict], in_flight: int, lead: bool, results: queue.Queue) -> None:
         tasks: set[asyncio.Task] = set()
         failures: list[BaseException] = []
         try:
@@ -141,13 +143,15 @@ class InlineRunner:
                 finally:
                     slots.release()
 
-            for item in items:
+            for n, item in enumerate(items):
                 await slots.acquire()  # bounded: never more than in_flight blocks read ahead
                 if failures:
                     break
                 task = asyncio.create_task(one(item))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+                if lead and n == 0:
+                    await asyncio.wait({task})
             await asyncio.gather(*tasks)
             results.put(failures[0] if failures else _DONE)
         except BaseException as exc:  # noqa: BLE001 - e.g. the engine failed to start, or cancelled

@@ -136,3 +136,18 @@ def test_each_replica_holds_enough_blocks_to_fill_the_engine():
     assert blocks_per_replica(256, 64) == 5  # 4 blocks fill 256 sequences, one more waits inside
     assert blocks_per_replica(256, 1) == 32  # bounded: many tiny blocks are not worth more actors' calls
     assert blocks_per_replica(8, 64) == 4
+
+
+def test_lead_slice_is_small_and_slices_cover_every_row_once(tmp_path):
+    """--via-serve's first slice has LEAD_ROWS rows; together the slices still cover each row once."""
+    from pipeline import io
+    from pipeline.batch import LEAD_ROWS, _slices
+
+    src = write_prompts(tmp_path / "in.parquet", [f"p{i}" for i in range(150)], row_group_size=100)
+    plan = io.plan_input(str(src), "prompt", "id", [])
+    plain = _slices(plan, 64)
+    led = _slices(plan, 64, lead=LEAD_ROWS)
+    assert [s["length"] for s in plain] == [64, 36, 50]
+    assert [s["length"] for s in led] == [LEAD_ROWS, 64, 28, 50]
+    covered = lambda ss: sorted((s["fragment"]["name"], s["start"] + k) for s in ss for k in range(s["length"]))  # noqa: E731
+    assert covered(led) == covered(plain)

@@ -2,6 +2,7 @@
 embeddings, and cancellation."""
 
 import asyncio
+import threading
 
 import pytest
 
@@ -103,9 +104,13 @@ def test_job_engine_runs_vllm_in_this_process(engine, loop):
         except psutil.Error:  # Ray's idle workers come and go
             return ""
 
-    assert engine.in_process
-    titles = [title(p) for p in psutil.Process().children()]  # AsyncLLM's engine core would be one
-    assert not any("EngineCore" in t or "VLLM::Worker" in t for t in titles), titles
+    from pipeline.inline import _warm
+
+    assert engine.in_process and any(t.name == "vllm-engine-core" for t in threading.enumerate())
+    titles = [title(p) for p in psutil.Process().children()]
+    apart = [e for e in _warm.values() if not e.in_process]  # e.g. a pooling engine of an earlier test
+    assert len([t for t in titles if "EngineCore" in t]) == len(apart), titles
+    assert not any("VLLM::Worker" in t for t in titles), titles
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
     done = loop.run(engine.complete(engine.encode(PROMPTS[0]), SamplingConfig(max_tokens=4, temperature=0)))
     assert len(done.samples[0].token_ids) == 4 and engine.queued == 0

@@ -12,10 +12,12 @@ from tests.serving.conftest import APP
 def test_batch_job_through_serve_replicas_exactly_once(server, client, tmp_path):
     prompts = [f"Via serve prompt {i}" for i in range(30)] + [None, "word " * 1100]
     src = write_prompts(tmp_path / "in.parquet", prompts, row_group_size=10)
-    job = JobConfig(input=str(src), output=str(tmp_path / "out"), via_serve=APP, batch_size=8,
+    job = JobConfig(input=str(src), output=str(tmp_path / "out"), via_serve=APP, batch_size=16,
                     sampling={"max_tokens": 5, "seed": 3, "n": 2})
     summary = run_job(job)
     assert summary.status == "succeeded", summary.message
+    # row groups of 10, 10, 10 and 2 rows; the first slice is the 8-row lead, run alone
+    assert summary.shards == 5 and summary.phases["first_shard"] <= summary.phases["last_shard"]
     table = pq.read_table(tmp_path / "out")
     assert table.num_rows == 32 * 2 and table.group_by(["id", "sample_index"]).aggregate([]).num_rows == 64
     errors = table.filter(pc.is_valid(table["error"]))

@@ -126,6 +126,14 @@ async def complete(engine: Engine, req: CompletionRequest, job: Prepared, model:
     return CompletionResponse(choices=choices, model=model, usage=usage)
 
 
+async def _echo_logprobs(engine: Engine, text: str, ids: list[int], k: int, priority: int) -> dict:
+    """A streamed echo's prompt logprobs (the first event): the prompt scored on its own, as the
+    non-streaming path scores it within the generation request."""
+    scored = await engine.complete(ids, SamplingConfig(max_tokens=1, temperature=0), priority=priority,
+                                   prompt_logprobs=k)
+    return _prompt_logprobs(text, scored.prompt_logprobs, engine.tokenizer, ids[0]).model_dump()
+
+
 def _sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -180,15 +188,22 @@ async def stream(engine: Engine, req: CompletionRequest, job: Prepared, model: s
                 ready.append(queue.get_nowait())
             yield ready
 
-    tasks = [asyncio.create_task(pump(i, ids)) for i, (_, ids) in enumerate(job.prompts)] if len(job.prompts) > 1 else []
+    generating = req.max_tokens > 0  # 0 (with echo): the prompt only, then finish_reason "length"
+    several = len(job.prompts) > 1 and generating
+    tasks = [asyncio.create_task(pump(i, ids)) for i, (_, ids) in enumerate(job.prompts)] if several else []
     batches = merged()
     try:
         if req.echo:
-            for i, (text, _) in enumerate(job.prompts):
+            for i, (text, ids) in enumerate(job.prompts):
+                lp = None if req.logprobs is None else await _echo_logprobs(engine, text, ids, req.logprobs, priority)
                 for k in range(n):
                     offsets[i * n + k] = len(text)
-                    yield event([{"finish_reason": None, "index": i * n + k, "logprobs": None, "text": text}])
-        remaining, failed = len(job.prompts), False
+                    yield event([{"finish_reason": None, "index": i * n + k, "logprobs": lp, "text": text}])
+        if not generating:
+            empty = None if req.logprobs is None else CompletionLogprobs().model_dump()
+            yield event([{"finish_reason": "length", "index": j, "logprobs": empty, "text": ""}
+                         for j in range(len(job.prompts) * n)])
+        remaining, failed = len(job.prompts) if generating else 0, False
         while remaining and not failed:
             ready = await batches.__anext__()
             events = []

@@ -82,8 +82,6 @@ class CompletionRequest(OpenAIModel):
             raise ValueError("suffix is not supported")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 needs echo: true (it returns the prompt and, with logprobs, scores it)")
-        if self.stream and self.echo and (self.logprobs is not None or self.max_tokens == 0):
-            raise ValueError("stream with echo and logprobs (or max_tokens 0) is not supported; send it without stream")
         return SamplingConfig(
             # vLLM runs at least one step; with max_tokens 0 (echo) api.complete drops it
             max_tokens=max(self.max_tokens, 1), min_tokens=self.min_tokens, temperature=self.temperature,

@@ -46,11 +46,38 @@ def test_echo_with_generation_lists_prompt_then_generated_tokens(client):
     assert lp["token_logprobs"][n:] == pytest.approx(plain["logprobs"]["token_logprobs"], rel=1e-5)
 
 
+def events(client, **body):
+    import json
+
+    with client.stream("POST", "/v1/completions", json={"model": "demo", "prompt": TEXT, "stream": True, **body}) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_streamed_echo_carries_the_prompt_logprobs_first(client):
+    """stream + echo + logprobs: the first event is the prompt with its logprobs (as the
+    non-streaming answer lists them), then the generated tokens; max_tokens 0 only scores."""
+    whole = post(client, echo=True, logprobs=1, max_tokens=4, temperature=0, ignore_eos=True).json()
+    n = whole["usage"]["prompt_tokens"]
+    streamed = events(client, echo=True, logprobs=1, max_tokens=4, temperature=0, ignore_eos=True)
+    first = streamed[0]["choices"][0]
+    assert first["text"] == TEXT and first["logprobs"]["tokens"] == whole["choices"][0]["logprobs"]["tokens"][:n]
+    assert first["logprobs"]["token_logprobs"][0] is None
+    assert first["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        whole["choices"][0]["logprobs"]["token_logprobs"][1:n], rel=1e-5)
+    assert "".join(e["choices"][0]["text"] for e in streamed) == whole["choices"][0]["text"]
+    assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in streamed) == n + 4
+    only = events(client, echo=True, logprobs=0, max_tokens=0)
+    assert [c["text"] for e in only for c in e["choices"]] == [TEXT, ""]
+    assert only[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(only[0]["choices"][0]["logprobs"]["tokens"]) == n
+
+
 @pytest.mark.parametrize("body, message", [
     ({"max_tokens": 0}, "echo"),
     ({"max_tokens": 0, "logprobs": 1}, "echo"),
-    ({"echo": True, "logprobs": 1, "stream": True}, "stream"),
-    ({"echo": True, "max_tokens": 0, "stream": True}, "stream"),
 ])
 def test_unsupported_combinations_are_400(client, body, message):
     r = post(client, **body)

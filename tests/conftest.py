@@ -83,6 +83,19 @@ def ray_cluster():
     ray.shutdown()
 
 
+def process_titles(processes: Any) -> list[str]:
+    """Command line and name of each process still there (Ray's idle workers come and go)."""
+    import psutil
+
+    titles = []
+    for p in processes:
+        try:
+            titles.append(" ".join(p.cmdline()) + " " + p.name())
+        except psutil.Error:
+            continue
+    return titles
+
+
 def write_prompts(path: Path, prompts: list[Any], row_group_size: int | None = None, **columns: list[Any]) -> Path:
     """A Parquet prompt file; extra keyword arguments become extra columns."""
     table = pa.table({"prompt": pa.array(prompts, pa.string()), **columns})

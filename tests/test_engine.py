@@ -98,16 +98,12 @@ def test_job_engine_runs_vllm_in_this_process(engine, loop):
 
     import psutil
 
-    def title(p: psutil.Process) -> str:
-        try:
-            return " ".join(p.cmdline()) + " " + p.name()
-        except psutil.Error:  # Ray's idle workers come and go
-            return ""
+    from conftest import process_titles
 
     from pipeline.inline import _warm
 
     assert engine.in_process and any(t.name == "vllm-engine-core" for t in threading.enumerate())
-    titles = [title(p) for p in psutil.Process().children()]
+    titles = process_titles(psutil.Process().children())
     apart = [e for e in _warm.values() if not e.in_process]  # e.g. a pooling engine of an earlier test
     assert len([t for t in titles if "EngineCore" in t]) == len(apart), titles
     assert not any("VLLM::Worker" in t for t in titles), titles

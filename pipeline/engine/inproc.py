@@ -107,8 +107,7 @@ class InprocLLM:
             self._closed = True
             self._error = self._error or "the engine was shut down"
         self._wake.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=timeout or 30)
+        self._thread.join(timeout=timeout or 30)
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.engine_core.shutdown()

@@ -194,8 +194,9 @@ async def stream(engine: Engine, req: CompletionRequest, job: Prepared, model: s
     batches = merged()
     try:
         if req.echo:
-            for i, (text, ids) in enumerate(job.prompts):
-                lp = None if req.logprobs is None else await _echo_logprobs(engine, text, ids, req.logprobs, priority)
+            lps = [None] * len(job.prompts) if req.logprobs is None else await asyncio.gather(
+                *(_echo_logprobs(engine, text, ids, req.logprobs, priority) for text, ids in job.prompts))
+            for i, ((text, _), lp) in enumerate(zip(job.prompts, lps)):
                 for k in range(n):
                     offsets[i * n + k] = len(text)
                     yield event([{"finish_reason": None, "index": i * n + k, "logprobs": lp, "text": text}])

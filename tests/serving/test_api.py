@@ -26,12 +26,9 @@ def test_replica_engine_core_runs_the_model_without_a_worker(client):
     inside it on a CPU: engine-core processes are up, and no vLLM worker process exists."""
     import psutil
 
-    titles = []
-    for p in psutil.process_iter():
-        try:
-            titles.append(" ".join(p.cmdline()) + " " + p.name())
-        except psutil.Error:  # Ray's idle workers come and go
-            continue
+    from conftest import process_titles
+
+    titles = process_titles(psutil.process_iter())
     assert any("EngineCore" in t for t in titles), titles
     assert not any("VLLM::Worker" in t or "VllmWorker" in t for t in titles), titles
 

@@ -73,6 +73,10 @@ def test_streamed_echo_carries_the_prompt_logprobs_first(client):
     assert [c["text"] for e in only for c in e["choices"]] == [TEXT, ""]
     assert only[-1]["choices"][0]["finish_reason"] == "length"
     assert len(only[0]["choices"][0]["logprobs"]["tokens"]) == n
+    two = events(client, prompt=[TEXT, "Hello there"], echo=True, logprobs=0, max_tokens=0)  # scored together
+    echoed = {c["index"]: c for c in two[0]["choices"] + two[1]["choices"]}
+    assert echoed[0]["text"] == TEXT and echoed[1]["text"] == "Hello there"
+    assert echoed[0]["logprobs"]["token_logprobs"] == only[0]["choices"][0]["logprobs"]["token_logprobs"]
 
 
 @pytest.mark.parametrize("body, message", [

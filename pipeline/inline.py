@@ -32,17 +32,19 @@ Factory = Callable[[], Awaitable[tuple[Processor, Callable[[bool], None]]]]
 WARM_ENGINES = 2
 _DONE = object()
 _loop: Optional[asyncio.AbstractEventLoop] = None
+_loop_thread: Optional[threading.Thread] = None
 _loop_lock = threading.Lock()
 _warm: "OrderedDict[tuple[str, str], Any]" = OrderedDict()
 
 
 def background_loop() -> asyncio.AbstractEventLoop:
     """The process's one background event loop: in-process engines live and run on it."""
-    global _loop
+    global _loop, _loop_thread
     with _loop_lock:
         if _loop is None:
             _loop = asyncio.new_event_loop()
-            threading.Thread(target=_loop.run_forever, name="gpt2-pipeline-loop", daemon=True).start()
+            _loop_thread = threading.Thread(target=_loop.run_forever, name="gpt2-pipeline-loop", daemon=True)
+            _loop_thread.start()
     return _loop
 
 
@@ -58,7 +60,7 @@ def warm_engine(config: Any, task: Any) -> Any:
         _warm.move_to_end(key)
         return _warm[key]
     while len(_warm) >= WARM_ENGINES:
-        _warm.popitem(last=False)[1].shutdown()
+        _stop(_warm.popitem(last=False)[1])
     _warm[key] = engine = Engine(config, task, in_process=True)
     atexit.unregister(shutdown_warm)  # run before vLLM's own exit hooks (atexit is last-in, first-out)
     atexit.register(shutdown_warm)
@@ -70,13 +72,26 @@ def discard_engine(engine: Any) -> None:
     for key, warm in list(_warm.items()):
         if warm is engine:
             del _warm[key]
-    engine.shutdown()
+    _stop(engine)
 
 
 def shutdown_warm(timeout: Optional[float] = None) -> None:
     """Shut every warm engine down (at exit, or when a caller wants the memory back)."""
     while _warm:
-        _warm.popitem()[1].shutdown(timeout)
+        _stop(_warm.popitem()[1], timeout)
+
+
+def _stop(engine: Any, timeout: Optional[float] = None) -> None:
+    """Shut an engine down on the loop it runs on: AsyncLLM cancels its output task there (from
+    another thread the task may first see its engine core die, and log that as a failure)."""
+    if _loop is None or not _loop.is_running() or threading.current_thread() is _loop_thread:
+        engine.shutdown(timeout)
+        return
+
+    async def stop() -> None:
+        engine.shutdown(timeout)
+
+    asyncio.run_coroutine_threadsafe(stop(), _loop).result()
 
 
 class InlineRunner:

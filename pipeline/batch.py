@@ -6,8 +6,9 @@
    in-process engine, or ``--via-serve``) or the Ray Data executor (``ray_executor.py``: an actor
    pool of engines across a cluster) runs every block through the row contract
    (``records.process_batch``).
-3. commit: each result block is written as one content-addressed shard (temp name + rename), so a
-   retried block rewrites the same file: exactly once per id, whichever executor ran it.
+3. commit: each result block is written as one content-addressed shard (``shards.py``: temp name
+   + rename), so a retried block rewrites the same file: exactly once per id, whichever executor
+   ran it.
 
 After the stream ends, a verify pass over committed shards counts rows, errors, tokens and
 duplicate / missing ids, and writes ``_manifest.json``, ``_summary.json`` and ``_SUCCESS``.
@@ -16,33 +17,21 @@ duplicate / missing ids, and writes ``_manifest.json``, ``_summary.json`` and ``
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import io
 from pipeline.config import ConfigError, Executor, InputFormat, JobConfig, Task
-from pipeline.records import ID, RowSpec, corpus_perplexity, summarize
+from pipeline.records import RowSpec, corpus_perplexity, summarize
+from pipeline.shards import blocks_per_replica, commit_block, read_items
 
 logger = logging.getLogger(__name__)
-HOLD_ENV = "GPT2_PIPELINE_HOLD_AFTER_SHARDS"
-READY_KEY = b"gpt2_pipeline_engine_ready"  # block metadata: when the engine that ran it was ready (unix s)
-MIN_BLOCKS_PER_REPLICA = 4
 LEAD_ROWS = 8  # --via-serve: the first slice's rows, run alone so a warm fleet commits a shard at once
-MAX_BLOCKS_PER_REPLICA = 32
-
-
-def blocks_per_replica(max_num_seqs: int, batch_size: int) -> int:
-    """Blocks each replica runs at once: enough rows to fill the engine's batch, plus one block
-    already inside when another finishes, so the paged-attention scheduler never drains."""
-    return max(MIN_BLOCKS_PER_REPLICA, min(MAX_BLOCKS_PER_REPLICA, -(-max_num_seqs // batch_size) + 1))
 
 
 class JobAborted(RuntimeError):
@@ -74,43 +63,6 @@ class Summary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def read_items(items: list[dict], fs: Any, schema: pa.Schema, id_column: str, done: Optional[pa.Array]) -> pa.Table:
-    """The rows of some slices, less the ids a previous run committed (``done``)."""
-    tables = []
-    for item in items:
-        t = io.read_fragment(fs, io.Fragment(**item["fragment"]), schema, id_column).slice(item["start"], item["length"])
-        if item.get("drop"):  # --dedupe first: later rows of a repeated id
-            dropped = set(item["drop"])
-            t = t.filter(pa.array([i not in dropped for i in range(t.num_rows)]))
-        if done is not None:
-            t = t.filter(pc.invert(pc.is_in(t[ID], value_set=done)))
-        tables.append(t)
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
-def commit_block(block: pa.Table, fs: Any, folder: str, id_column: str, metadata: dict,
-                 stop: Optional[threading.Event] = None) -> dict[str, Any]:
-    """Write one processed block as a shard; its stats for progress (and when its engine was ready)."""
-    ready = (block.schema.metadata or {}).get(READY_KEY)
-    block = block.replace_schema_metadata(None)
-    _hold(fs, folder, stop)
-    name = io.write_shard(fs, folder, block, id_column, metadata)
-    stats = summarize(block)
-    stats["inputs"] = len(pc.unique(block[ID]))
-    return {"shard": name, **stats, "engine_ready": float(ready) if ready else None}
-
-
-def _hold(fs: Any, folder: str, stop: Optional[threading.Event]) -> None:
-    """Test hook: with $GPT2_PIPELINE_HOLD_AFTER_SHARDS=N, writes wait while N shards are committed,
-    so fault tests interrupt a job in a known state instead of racing it. Off unless set.
-    ``stop`` (inline executor) ends the wait when the job ends: nothing is written after it."""
-    limit = os.environ.get(HOLD_ENV)
-    while limit and len(io.committed_shards(fs, folder)) >= int(limit):
-        if stop is not None and stop.wait(0.1):
-            raise RuntimeError("the job stopped")
-        time.sleep(0 if stop is not None else 0.1)
 
 
 def _slices(plan: io.InputPlan, size: int, lead: Optional[int] = None) -> list[dict[str, Any]]:

@@ -1,8 +1,8 @@
 """The Ray Data executor: read tasks → an actor pool of engines (or Serve clients) → write tasks.
 
 Used for several engine replicas and on clusters. Each block is one slice of the input; the
-actors are async, so several blocks are inside one engine at once. Reading, the row contract and
-the shard writer are the batch module's, shared with the inline executor.
+actors are async, so several blocks are inside one engine at once. Reading and the shard writer
+(``shards.py``) and the row contract (``records.py``) are shared with the inline executor.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from pipeline import io
-from pipeline.batch import READY_KEY, blocks_per_replica, commit_block, read_items
 from pipeline.config import EngineConfig, JobConfig
 from pipeline.records import RowSpec, process_batch
+from pipeline.shards import READY_KEY, blocks_per_replica, commit_block, read_items
 
 
 class EngineActor:

@@ -131,7 +131,7 @@ def test_nonempty_output_is_refused_before_engines_start(tmp_path):
 
 
 def test_each_replica_holds_enough_blocks_to_fill_the_engine():
-    from pipeline.batch import blocks_per_replica
+    from pipeline.shards import blocks_per_replica
 
     assert blocks_per_replica(256, 64) == 5  # 4 blocks fill 256 sequences, one more waits inside
     assert blocks_per_replica(256, 1) == 32  # bounded: many tiny blocks are not worth more actors' calls

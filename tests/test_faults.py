@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_prompts
-from pipeline.batch import HOLD_ENV, run_job
+from pipeline.batch import run_job
+from pipeline.shards import HOLD_ENV
 from pipeline.config import JobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def shards(out: Path) -> int:
 
 def start_run(src: Path, out: Path, *extra: str, hold_after: int | None = None) -> subprocess.Popen:
     """The CLI in its own process group; ``hold_after=N`` holds every write once N shards are
-    committed (batch.HOLD_ENV), so the job is still running whenever the test interrupts it."""
+    committed (shards.HOLD_ENV), so the job is still running whenever the test interrupts it."""
     env = {**os.environ, HOLD_ENV: str(hold_after)} if hold_after else None
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "run", "--input", str(src), "--output", str(out), "--batch-size", "4",

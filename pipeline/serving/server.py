@@ -37,28 +37,60 @@ OPEN_PATHS = ("/health", "/health/ready")
 
 
 class Guard:
-    """API key (constant-time compare) and body size, checked before the body is read.
+    """API key (constant-time compare) and body size, checked before and while the body is read.
 
-    Plain ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` re-pipes every chunk of a
-    streaming response through an extra task, a cost paid per SSE event.
+    The size bound holds whatever the framing: a ``Content-Length`` over it is refused before
+    anything is read, and the bytes of every body (chunked ones included) are counted as they
+    arrive; the first chunk past the bound answers 413 and the app sees the client leave, so a
+    chunked body is never read whole. Plain ASGI on purpose: Starlette's ``BaseHTTPMiddleware``
+    re-pipes every chunk of a streaming response through an extra task, a cost paid per SSE event.
     """
 
     def __init__(self, app: Any, server: "LLMServer"):
         self.app, self.server = app, server
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            headers = dict(scope["headers"])
-            key, limit = self.server.api_key, self.server.cfg.max_body_bytes
-            if key and scope["path"] not in OPEN_PATHS:
-                if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {key}".encode()):
-                    return await errors.error_response(
-                        401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
-                    )(scope, receive, send)
-            length = headers.get(b"content-length", b"")
-            if length and (not length.isdigit() or int(length) > limit):
-                return await errors.error_response(413, f"request body over {limit} bytes")(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        key, limit = self.server.api_key, self.server.cfg.max_body_bytes
+        if key and scope["path"] not in OPEN_PATHS:
+            if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {key}".encode()):
+                return await errors.error_response(
+                    401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
+                )(scope, receive, send)
+        length = headers.get(b"content-length", b"")
+        if length and (not length.isdigit() or int(length) > limit):
+            return await errors.error_response(413, f"request body over {limit} bytes")(scope, receive, send)
+        await self.app(scope, *_bounded_body(scope, receive, send, limit))
+
+
+def _bounded_body(scope: dict, receive: Any, send: Any, limit: int) -> tuple[Any, Any]:
+    """``receive`` and ``send`` for the app: past ``limit`` body bytes, the client gets a 413 and
+    the app a disconnect (and nothing it sends after that goes out)."""
+    state = {"read": 0, "refused": False, "started": False}
+
+    async def bounded_receive() -> dict:
+        if state["refused"]:
+            return {"type": "http.disconnect"}
+        message = await receive()
+        if message["type"] == "http.request":
+            state["read"] += len(message.get("body", b""))
+            if state["read"] > limit:
+                state["refused"] = True
+                if not state["started"]:
+                    await errors.error_response(413, f"request body over {limit} bytes")(scope, receive, send)
+                return {"type": "http.disconnect"}
+        return message
+
+    async def guarded_send(message: dict) -> None:
+        if state["refused"]:
+            return
+        if message["type"] == "http.response.start":
+            state["started"] = True
+        await send(message)
+
+    return bounded_receive, guarded_send
 
 
 def build_api(server: "LLMServer") -> FastAPI:

@@ -56,3 +56,46 @@ def server(ray_cluster):
 def client(server):
     with httpx.Client(base_url=server, timeout=120) as c:
         yield c
+
+
+def send_chunked(url: str, path: str, total: int, chunk: int = 64 * 1024, pause: float = 0.0,
+                 headers: dict | None = None) -> tuple[int, int, bytes]:
+    """POST up to ``total`` body bytes with ``Transfer-Encoding: chunked`` (no Content-Length),
+    the way a streaming client sends them, stopping as soon as the server answers.
+
+    ``pause``: seconds between chunks (a slow drip). Returns (status, bytes sent, response body).
+    A raw socket on purpose: an HTTP client library writes the whole body before it reads."""
+    import select
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+            "Transfer-Encoding: chunked", "Connection: close"]
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    sent = 0
+    with socket.create_connection((host, port), timeout=120) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        body = b'{"prompt": "' + b"a" * chunk
+        try:
+            while sent < total and not select.select([sock], [], [], 0)[0]:
+                piece = body if sent == 0 else b"a" * chunk
+                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                sent += len(piece)
+                if pause:
+                    time.sleep(pause)
+            if sent >= total:
+                sock.sendall(b'2\r\n"}\r\n0\r\n\r\n')
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed while we were still sending
+        response = b""
+        while True:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            response += data
+    status_line, _, rest = response.partition(b"\r\n")
+    status = int(status_line.split()[1]) if status_line else 0
+    return status, sent, rest.partition(b"\r\n\r\n")[2]

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.serving.conftest import free_port, wait_healthy
+from tests.serving.conftest import free_port, send_chunked, wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,14 @@ def test_api_key_required_except_health(keyed_server):
     assert "s3cret-key" not in text  # the key is never logged
     assert f"serving demo at {url}/v1" in text  # loopback by default
     assert "direct ingress" in text  # embedded Ray, fixed replicas: the replica answers HTTP itself
+
+
+def test_direct_ingress_bounds_a_chunked_body(keyed_server):
+    url, _ = keyed_server
+    status, sent, body = send_chunked(url, "/v1/completions", total=64 * 2**20, chunk=16 * 1024,
+                                      headers={"Authorization": "Bearer s3cret-key"})
+    assert status == 413 and b"request body over" in body, body[:200]
+    assert sent < 32 * 2**20
 
 
 def test_embeddings_disabled_is_a_clear_404(keyed_server):

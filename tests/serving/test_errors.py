@@ -5,7 +5,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.serving.conftest import MAX_IN_FLIGHT, MAX_QUEUED
+from tests.serving.conftest import MAX_IN_FLIGHT, MAX_QUEUED, send_chunked
 
 LONG = "word " * 1100  # over GPT-2's 1024-token context
 
@@ -85,6 +85,21 @@ def test_oversized_body_is_413(client):
     r = client.post("/v1/completions", content=b'{"prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}',
                     headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.002], ids=["chunked", "slow-drip"])
+def test_oversized_chunked_body_is_413_before_it_is_read_whole(server, pause):
+    """No Content-Length: the bytes are counted as they arrive and the 413 comes at the bound
+    (4 MiB by default), not after 64 MiB were read and tokenized."""
+    status, sent, body = send_chunked(server, "/v1/completions", total=64 * 2**20, chunk=16 * 1024, pause=pause)
+    assert status == 413, body[:200]
+    assert b"request body over" in body
+    assert sent < 32 * 2**20  # the client was stopped long before the end of its body
+
+
+def test_small_chunked_body_is_answered(server):
+    status, sent, body = send_chunked(server, "/v1/completions", total=1, chunk=8)
+    assert status == 200 and b"text_completion" in body, body[:300]
 
 
 def test_overload_answers_429_quickly_and_serves_the_rest(server):

@@ -33,15 +33,6 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 STOP_WAIT_S = 30
 META_KEY = "gpt2_pipeline"
 
-# submit flag -> where it goes in a JobConfig (the remote `run` gets the same flag).
-FLAGS: dict[str, tuple[str, ...]] = {
-    **{k: (k,) for k in ("input", "output", "task", "batch_size", "overwrite", "resume", "force", "max_error_rate")},
-    **{k: ("engine", k) for k in ("model", "replicas", "gpus_per_replica", "tensor_parallel_size")},
-    **{k: ("sampling", k) for k in ("max_tokens", "temperature", "seed")},
-}
-_SWITCHES = {"overwrite", "resume", "force"}  # `run` has --overwrite, not --overwrite/--no-overwrite
-
-
 class SubmitError(Exception):
     """A user-facing submission problem: one line, no traceback."""
 
@@ -64,32 +55,6 @@ def resolve_address(address: Optional[str]) -> Optional[str]:
     if not address:
         return None
     return address if "://" in address else f"http://{address}"
-
-
-def overrides(flags: dict[str, Any]) -> dict[str, Any]:
-    """Flag values (None = not given) as a nested dict for ``pipeline.config.build``."""
-    out: dict[str, Any] = {}
-    for name, value in flags.items():
-        if value is None:
-            continue
-        *parents, leaf = FLAGS[name]
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = getattr(value, "value", value)
-    return out
-
-
-def run_args(flags: dict[str, Any]) -> list[str]:
-    """The same flags as arguments of ``gpt2-pipeline run``."""
-    args: list[str] = []
-    for name, value in flags.items():
-        if value is None or (name in _SWITCHES and not value):
-            continue
-        args.append("--" + name.replace("_", "-"))
-        if name not in _SWITCHES:
-            args.append(str(getattr(value, "value", value)))
-    return args
 
 
 def project_dir(spec: Path) -> Path:
@@ -146,12 +111,13 @@ def runtime_env(workdir: Path, keep: list[Path]) -> tuple[dict[str, Any], list[s
     return env, warnings
 
 
-def prepare(spec: Path, flags: dict[str, Any], working_dir: Optional[Path] = None) -> tuple[JobConfig, Path, str, list[str]]:
-    """Validate the spec with the flags (as ``run`` would) and find what to ship.
+def prepare(spec: Path, overrides: dict[str, Any], working_dir: Optional[Path] = None
+            ) -> tuple[JobConfig, Path, str, list[str]]:
+    """Validate the spec with the flags' ``overrides`` (as ``run`` would) and find what to ship.
 
     Returns the job, the working dir, the spec path inside it and warnings. Raises ConfigError or
     SubmitError."""
-    job: JobConfig = build(JobConfig, load_spec(spec), overrides(flags))
+    job: JobConfig = build(JobConfig, load_spec(spec), overrides)
     workdir = (working_dir or project_dir(spec)).resolve()
     try:
         rel = spec.resolve().relative_to(workdir).as_posix()
@@ -237,12 +203,14 @@ def _use_local_token() -> bool:
         log.setLevel(level)
 
 
-def submit(spec: Path, address: str, flags: dict[str, Any], *, working_dir: Optional[Path] = None,
-           submission_id: Optional[str] = None, verbose: bool = False, client: Any = None) -> Submission:
-    """Submit ``spec`` (with flag overrides) as a Ray job; returns without waiting for it."""
-    job, workdir, rel, warnings = prepare(spec, flags, working_dir)
+def submit(spec: Path, address: str, overrides: dict[str, Any], run_args: list[str], *,
+           working_dir: Optional[Path] = None, submission_id: Optional[str] = None, verbose: bool = False,
+           client: Any = None) -> Submission:
+    """Submit ``spec`` as a Ray job that runs ``run --spec SPEC RUN_ARGS`` (the flags given here,
+    ``overrides`` being the same flags as JobConfig keys); returns without waiting for it."""
+    job, workdir, rel, warnings = prepare(spec, overrides, working_dir)
     env, more = runtime_env(workdir, keep=[spec, *([workdir / job.input] if _is_local_relative(job.input) else [])])
-    args = ["python", "-m", "pipeline", "run", "--spec", rel, *run_args(flags), *(["--verbose"] if verbose else [])]
+    args = ["python", "-m", "pipeline", "run", "--spec", rel, *run_args, *(["--verbose"] if verbose else [])]
     entrypoint = shlex.join(args)
     sid = submission_id or f"{spec.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     client = client or connect(address)

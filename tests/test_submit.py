@@ -219,6 +219,37 @@ def test_unknown_job_id_and_unreachable_address(head):
 
 # ---- without a cluster ----------------------------------------------------------------------------
 @pytest.mark.timeout(60)
+def _options(command: str) -> set[str]:
+    """The long option names a command of the CLI takes (from Click's own parameter list)."""
+    import typer.main
+
+    from pipeline.cli import app
+
+    group = typer.main.get_command(app)
+    return {o for p in group.commands[command].params for o in p.opts + p.secondary_opts if o.startswith("--")}
+
+
+def test_submit_takes_every_run_option():
+    """`submit` runs `run` on the cluster: every flag of `run` reaches it (declared once, cli/jobflags.py)."""
+    run, submit = _options("run"), _options("submit")
+    assert run - submit == {"--spec"}, f"run flags missing from submit: {sorted(run - submit)}"  # its SPEC argument
+    assert submit - run == {"--follow", "--submission-id", "--working-dir"}
+    assert {"--input-format", "--dedupe", "--logprobs", "--stride", "--score-first-token", "--token-logprobs",
+            "--via-serve", "--no-truncate"} <= submit
+    assert _options("score") <= run and _options("embed") <= run
+
+
+def test_a_run_flag_given_to_submit_reaches_the_remote_run(tmp_path):
+    """What submit sends: the flags spelled as `run` arguments, validated here first like `run`."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    r = CliRunner().invoke(app, ["submit", SPEC, "--address", "http://127.0.0.1:1", "--dedupe", "first",
+                                 "--input-format", "csv", "--stride", "0"])
+    assert r.exit_code == 2 and "stride" in r.output  # refused before any connection, as `run` refuses it
+
+
 def test_missing_spec_and_no_address(monkeypatch):
     from pipeline.cli import app
 
@@ -256,11 +287,16 @@ def test_submit_without_address_runs_here_like_run(monkeypatch, tmp_path):
 
 def test_entrypoint_and_runtime_env(tmp_path, tmp_path_factory, monkeypatch):
     from pipeline import submit as sub
+    from pipeline.cli.jobflags import job_overrides, run_args
+    from pipeline.config import Dedupe
 
-    flags = {"output": "s3://b/o", "overwrite": True, "resume": None, "force": False, "max_tokens": 8, "replicas": 2}
-    assert sub.run_args(flags) == ["--output", "s3://b/o", "--overwrite", "--max-tokens", "8", "--replicas", "2"]
-    assert sub.overrides(flags) == {"output": "s3://b/o", "overwrite": True, "force": False,
-                                    "sampling": {"max_tokens": 8}, "engine": {"replicas": 2}}
+    flags = {"output": "s3://b/o", "overwrite": True, "resume": None, "force": False, "max_tokens": 8, "replicas": 2,
+             "stop": ["\n", "END"], "ignore_eos": False, "dedupe": Dedupe.first, "passthrough": []}
+    assert run_args(flags) == ["--output", "s3://b/o", "--overwrite", "--max-tokens", "8", "--replicas", "2",
+                               "--stop", "\n", "--stop", "END", "--no-ignore-eos", "--dedupe", "first"]
+    assert job_overrides(flags) == {"output": "s3://b/o", "overwrite": True, "force": False, "dedupe": "first",
+                                    "sampling": {"max_tokens": 8, "stop": ["\n", "END"], "ignore_eos": False},
+                                    "engine": {"replicas": 2}}
     _, workdir, rel, warnings = sub.prepare(ROOT / SPEC, {"output": "s3://b/o"})
     assert (workdir, rel, warnings) == (ROOT, SPEC, [])
     _, _, _, warnings = sub.prepare(ROOT / SPEC, {})

@@ -12,60 +12,50 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli.common import (
-    GpusPerReplica, MaxTokens, Model, Replicas, Seed, Temperature, TensorParallel, Verbose, _fail, _load, console, out, run_job_cli,
-)
-from pipeline.config import ConfigError, Task
+from pipeline.cli.common import Verbose, _fail, _load, console, out, run_job_cli
+from pipeline.cli.jobflags import JOB_FLAGS, job_command, job_overrides, run_args
+from pipeline.config import ConfigError
 
 app = typer.Typer()
 jobs_app = typer.Typer(help="Ray jobs on a cluster: list, status, logs, stop.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 
+# Every flag of `run`; --address is submit's own (the dashboard that takes the job).
+SUBMIT_FLAGS = tuple(n for n in JOB_FLAGS if n != "address")
 JobsAddress = Annotated[Optional[str], typer.Option(
     "--address", help="Ray dashboard / Jobs API URL, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS).")]
 JobId = Annotated[str, typer.Argument(help="Submission id (from `submit` or `jobs list`).")]
 
 
 @app.command()
+@job_command(SUBMIT_FLAGS)
 def submit(
     spec: Annotated[Path, typer.Argument(help="YAML job spec inside the project folder (e.g. jobs/bulk.yaml).")],
     address: Annotated[Optional[str], typer.Option(
         help="Ray dashboard URL, e.g. http://HEAD:8265 (default: RAY_ADDRESS; neither: run here, like `run`).")] = None,
-    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Parquet file, folder, glob or URI.")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder or URI (s3://... on a cluster).")] = None,
-    model: Model = None,
-    task: Annotated[Optional[Task], typer.Option(help="generate (text) or embed (a vector per text).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Rows per engine call and per output shard.")] = None,
-    max_tokens: MaxTokens = None, temperature: Temperature = None, seed: Seed = None,
-    replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, tensor_parallel_size: TensorParallel = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty output folder.")] = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue a stopped job: skip committed ids.")] = None,
-    force: Annotated[Optional[bool], typer.Option("--force", help="With --resume: accept a changed config.")] = None,
-    max_error_rate: Annotated[Optional[float], typer.Option(help="Abort when the error share passes this (0-1).")] = None,
+    *,
+    flags: dict,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the job's logs until it ends; exit 0 only if it succeeded.")] = False,
     submission_id: Annotated[Optional[str], typer.Option(help="Job id to use (default: <spec>-<time>-<random>).")] = None,
     working_dir: Annotated[Optional[Path], typer.Option(help="Folder shipped to the cluster (default: the project folder holding the spec).")] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Submit a job spec to a Ray cluster (Ray Jobs API); flags override the spec, as with `run`."""
+    """Submit a job spec to a Ray cluster (Ray Jobs API); flags override the spec, as with `run`
+    (every `run` flag; --address is the cluster's dashboard here)."""
     from pipeline import submit as sub
 
-    flags = {
-        "input": input, "output": output, "model": model, "task": task, "batch_size": batch_size,
-        "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "replicas": replicas,
-        "gpus_per_replica": gpus_per_replica, "tensor_parallel_size": tensor_parallel_size,
-        "overwrite": overwrite, "resume": resume, "force": force, "max_error_rate": max_error_rate,
-    }
+    overrides = job_overrides(flags)
     resolved = sub.resolve_address(address)
     if resolved is None:
-        _run_here(spec, sub.overrides(flags), verbose)
+        _run_here(spec, overrides, verbose)
         return
     if not spec.is_file():
         _fail(f"spec file {str(spec)!r} does not exist")
     if not verbose:
         sub.quiet_ray_logs()
     try:
-        s = sub.submit(spec, resolved, flags, working_dir=working_dir, submission_id=submission_id, verbose=verbose)
+        s = sub.submit(spec, resolved, overrides, run_args(flags), working_dir=working_dir,
+                       submission_id=submission_id, verbose=verbose)
     except (ConfigError, sub.SubmitError) as exc:
         _fail(str(exc))
     for w in s.warnings:

@@ -39,6 +39,7 @@ from pipeline.shards import blocks_per_replica, commit_block, read_items
 from pipeline.verify import Summary, verify
 
 logger = logging.getLogger(__name__)
+ALREADY_COMPLETE = "already complete: nothing to run"  # the message of a finished job's resume
 LEAD_ROWS = 8  # --via-serve: the first slice's rows, run alone so a warm fleet commits a shard at once
 
 
@@ -90,7 +91,7 @@ def _finished(job: JobConfig, fingerprint: dict[str, Any]) -> Optional["Summary"
     if previous.get("fingerprint") != json.loads(json.dumps(fingerprint, default=str)) or not saved:
         return None
     summary = Summary(**{k: v for k, v in saved.items() if k in Summary.__dataclass_fields__})
-    summary.skipped_resume, summary.message = summary.rows_in, "already complete: nothing to run"
+    summary.skipped_resume, summary.message = summary.rows_in, ALREADY_COMPLETE
     return summary
 
 

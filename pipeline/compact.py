@@ -40,6 +40,7 @@ from pipeline import io
 
 SOURCES_KEY = b"gpt2_pipeline_sources"
 ROW_GROUP_ROWS = 65_536  # rows per row group of an output file: large enough for fast scans
+ROW_GROUP_BYTES = 64 * 1024 * 1024  # ... or fewer rows when they are wide (embeddings): bounded memory
 HOLD_ENV = "GPT2_PIPELINE_HOLD_COMPACTION"  # test hook: hold after the first sealed file's rename
 
 
@@ -86,7 +87,7 @@ class Compactor:
         self._schema: Optional[pa.Schema] = None
         self._sources: list[str] = []
         self._buffer: list[pa.Table] = []
-        self._buffered_rows = self._buffered_bytes = self._rows = 0
+        self._buffered_rows = self._buffered_bytes = self._buffered_memory = self._rows = 0
 
     def add(self, name: str) -> None:
         """Append the committed shard ``name`` (in ``_staging/``); seal the file when it is full."""
@@ -105,9 +106,10 @@ class Compactor:
         self._buffer.append(table)
         self._buffered_rows += table.num_rows
         self._buffered_bytes += size
+        self._buffered_memory += table.nbytes
         self._rows += table.num_rows
         self._sources.append(name)
-        if self._buffered_rows >= ROW_GROUP_ROWS:
+        if self._buffered_rows >= ROW_GROUP_ROWS or self._buffered_memory >= ROW_GROUP_BYTES:
             self._flush()
         if self._rows >= self.max_rows or self._sink.tell() + self._buffered_bytes >= self.target_bytes:
             self.seal()
@@ -115,7 +117,7 @@ class Compactor:
     def _flush(self) -> None:
         if self._buffer:
             self._writer.write_table(pa.concat_tables(self._buffer).combine_chunks(), row_group_size=ROW_GROUP_ROWS)
-        self._buffer, self._buffered_rows, self._buffered_bytes = [], 0, 0
+        self._buffer, self._buffered_rows, self._buffered_bytes, self._buffered_memory = [], 0, 0, 0
 
     def seal(self) -> Optional[str]:
         """Close the open file under its final name, then delete the staged shards it holds."""

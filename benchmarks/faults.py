@@ -57,7 +57,12 @@ def reap_orphans(since: float) -> int:
 
 
 def committed(out: Path) -> int:
-    return len(list(out.glob("part-*.parquet")))
+    """Blocks committed so far (staged shards, and those compacted into output files)."""
+    from pyarrow.fs import LocalFileSystem
+
+    from pipeline.compact import committed_blocks
+
+    return committed_blocks(LocalFileSystem(), str(out)) if out.exists() else 0
 
 
 def wait_for(cond, timeout: float) -> bool:

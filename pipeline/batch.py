@@ -6,31 +6,40 @@
    in-process engine, or ``--via-serve``) or the Ray Data executor (``ray_executor.py``: an actor
    pool of engines across a cluster) runs every block through the row contract
    (``records.process_batch``).
-3. commit: each result block is written as one content-addressed shard (``shards.py``: temp name
-   + rename), so a retried block rewrites the same file: exactly once per id, whichever executor
-   ran it.
+3. commit: each result block is written as one content-addressed shard in ``_staging/``
+   (``shards.py``: temp name + rename), so a retried block rewrites the same file: exactly once
+   per id, whichever executor ran it. The driver compacts committed shards into output files of
+   ``target_file_mb`` / ``max_rows_per_file`` as the job goes (``compact.py``).
 
-After the stream ends, a verify pass over committed shards counts rows, errors, tokens and
+After the stream ends, a verify pass over the output files counts rows, errors, tokens and
 duplicate / missing ids, and writes ``_manifest.json``, ``_summary.json`` and ``_SUCCESS``.
+Resuming a finished job (``_SUCCESS`` and the same fingerprint) reads its summary back: no
+engine, no Ray.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Callable, Optional
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import io
+from pipeline import compact, io
 from pipeline.config import ConfigError, Executor, InputFormat, JobConfig, Task
-from pipeline.records import RowSpec, corpus_perplexity, summarize
+from pipeline.records import RowSpec
 from pipeline.shards import blocks_per_replica, commit_block, read_items
+from pipeline.verify import Summary, verify
 
 logger = logging.getLogger(__name__)
+ALREADY_COMPLETE = "already complete: nothing to run"  # the message of a finished job's resume
 LEAD_ROWS = 8  # --via-serve: the first slice's rows, run alone so a warm fleet commits a shard at once
 
 
@@ -38,36 +47,13 @@ class JobAborted(RuntimeError):
     """The job stopped early (error-rate bound); committed shards are kept."""
 
 
-@dataclass
-class Summary:
-    status: str
-    output: str
-    rows_in: int
-    rows_out: int = 0
-    error_rows: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    duplicates: int = 0
-    missing: int = 0
-    skipped_resume: int = 0
-    deduplicated: int = 0
-    shards: int = 0
-    wall_time_s: float = 0.0
-    tokens_per_s: float = 0.0
-    scored_tokens: int = 0  # score task: tokens with a log-probability
-    perplexity: Optional[float] = None  # score task: exp(sum(nll_i * scored_i) / sum(scored_i))
-    message: str = ""
-    executor: str = ""  # inline (driver process) or ray-data
-    phases: dict[str, Optional[float]] = field(default_factory=dict)  # seconds from the job's start
-    versions: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _slices(plan: io.InputPlan, size: int, lead: Optional[int] = None) -> list[dict[str, Any]]:
-    """Slices of ``size`` rows (``lead``: the first one has that many rows instead)."""
+def _slices(plan: io.InputPlan, size: int, lead: Optional[int] = None,
+            done: Optional[pa.ChunkedArray] = None) -> list[dict[str, Any]]:
+    """Slices of ``size`` rows (``lead``: the first one has that many rows instead). ``done``: one
+    flag per input row (plan order), true where a previous run committed the row's id; fully done
+    slices are left out, partly done ones drop those rows."""
     out = []
+    pos = 0  # the fragment's first row in plan order
     for fr in plan.fragments:
         dropped = plan.dropped.get(fr.name, [])
         start = 0
@@ -75,9 +61,38 @@ def _slices(plan: io.InputPlan, size: int, lead: Optional[int] = None) -> list[d
             length = min(lead if lead and not out else size, fr.rows - start)
             lo = fr.offset + start
             drop = [i - lo for i in dropped[bisect_left(dropped, lo):bisect_left(dropped, lo + length)]]
+            if done is not None:
+                flags = done.slice(pos + start, length)
+                count = pc.sum(flags).as_py() or 0
+                if count == length:
+                    start += length
+                    continue
+                if count:
+                    drop = sorted(set(drop).union(np.flatnonzero(flags.to_numpy()).tolist()))
             out.append({"fragment": asdict(fr), "start": start, "length": length, "drop": drop})
             start += length
+        pos += fr.rows
     return out
+
+
+def _done_flags(plan: io.InputPlan, done: pa.Array) -> pa.ChunkedArray:
+    """One pass: is each input row's id committed? (One hash set of ``done`` for all rows.)"""
+    ids = pa.chunked_array([ids for _, ids in io.file_ids(plan)], plan.id_type)
+    return pc.is_in(ids, value_set=done)
+
+
+def _finished(job: JobConfig, fingerprint: dict[str, Any]) -> Optional["Summary"]:
+    """A finished job's summary (``_SUCCESS``, same fingerprint), else None: nothing to run."""
+    fs, folder = io.filesystem(job.output)
+    if io.read_json(fs, folder, io.SUCCESS_FILE) is None:
+        return None
+    previous = io.read_json(fs, folder, io.JOB_FILE) or {}
+    saved = io.read_json(fs, folder, io.SUMMARY_FILE)
+    if previous.get("fingerprint") != json.loads(json.dumps(fingerprint, default=str)) or not saved:
+        return None
+    summary = Summary(**{k: v for k, v in saved.items() if k in Summary.__dataclass_fields__})
+    summary.skipped_resume, summary.message = summary.rows_in, ALREADY_COMPLETE
+    return summary
 
 
 def _check_resume(fs: Any, folder: str, job: JobConfig, fingerprint: dict[str, Any]) -> None:
@@ -106,7 +121,8 @@ def run_job(
     from pipeline.runtime import ray_address, versions
 
     clock = _Clock()
-    plan = io.plan_input(job.input, job.prompt_column, job.id_column, job.passthrough, job.input_format, job.dedupe)
+    plan = io.plan_input(job.input, job.prompt_column, job.id_column, job.passthrough, job.input_format,
+                         job.dedupe, check_ids=False)
     if job.via_serve is None:
         from pipeline.models import ModelNotFoundError
 
@@ -114,11 +130,14 @@ def run_job(
             job = job.model_copy(update={"engine": pinned(job.engine)})
         except ModelNotFoundError as exc:
             raise ConfigError(str(exc)) from None
-    fs, folder = io.prepare_output(job.output, job.overwrite, job.resume)
     fingerprint = {**job.fingerprint(), "input": plan.fingerprint}
+    if job.resume and (finished := _finished(job, fingerprint)) is not None:
+        return finished
+    io.find_duplicates(plan, job.dedupe)
+    fs, folder = io.prepare_output(job.output, job.overwrite, job.resume)
     if job.resume:
         _check_resume(fs, folder, job, fingerprint)
-        io.remove_temp_files(fs, folder)
+        compact.recover(fs, folder)
     clock.mark("input_plan")
     io.write_json(fs, folder, io.JOB_FILE, {"fingerprint": fingerprint, "config": job.model_dump(mode="json")})
     io.stage_input(plan, fs, folder)  # JSONL / CSV / OpenAI Batch: read as Parquet from here on
@@ -132,38 +151,50 @@ def run_job(
     meta = {io.METADATA_KEY: _json({"job": fingerprint, "model": job.engine.model, "versions": versions()})}
     executor = job.resolved_executor(embedded=ray_address(job.address) is None)
     batch_urls = _batch_urls(plan)
-    runner = _start_inline(job, spec, clock, batch_urls) if executor == Executor.inline else None
+    # A fresh job's inline engine comes up while the input is read; a resumed one only if rows remain.
+    runner = _start_inline(job, spec, clock, batch_urls) if executor == Executor.inline and not job.resume else None
+    compactor = compact.Compactor(fs, folder, job.target_file_mb * 1024 * 1024, job.max_rows_per_file)
     try:
         done = io.committed_ids(fs, folder, job.id_column) if job.resume else None
         skipped = 0 if done is None else len(done)
-        done = None if done is None else done.cast(plan.id_type)
+        flags = None if done is None else _done_flags(plan, done.cast(plan.id_type))
+        del done
         if on_plan:
             on_plan(plan.total_rows - skipped)
+        for path in io.committed_shards(fs, folder):  # an earlier run's commits join the next output file
+            compactor.add(posixpath.basename(path))
         # A warm fleet (--via-serve) first runs a small slice alone: the first shard lands at once.
         lead = LEAD_ROWS if job.via_serve is not None and LEAD_ROWS < job.batch_size else None
-        slices = _slices(plan, job.batch_size, lead)
+        slices = _slices(plan, job.batch_size, lead, flags)
+        del flags
+        if slices and runner is None and executor == Executor.inline:
+            runner = _start_inline(job, spec, clock, batch_urls)
         blocks = blocks_per_replica(job.engine.max_num_seqs, job.batch_size)
         write = {"fs": fs, "folder": folder, "id_column": job.id_column, "metadata": meta}
-        if runner is not None:
+        if not slices:
+            stream: Iterator[dict] = iter(())
+        elif runner is not None:
             stream = runner.run(
-                ([item] for item in slices), lambda items: read_items(items, plan.fs, plan.schema, job.id_column, done),
+                ([item] for item in slices), lambda items: read_items(items, plan.fs, plan.schema, job.id_column),
                 lambda block: commit_block(block, **write, stop=runner.stopping), in_flight=blocks * job.engine.replicas,
                 lead=lead is not None,
             )
         else:
             from pipeline import ray_executor
 
-            stream = ray_executor.stream(job, spec, plan, slices, done, write, verbose, clock, batch_urls)
-        start = time.monotonic()
-        status, message, totals = _consume(stream, job, plan, progress, clock)
+            stream = ray_executor.stream(job, spec, plan, slices, write, verbose, clock, batch_urls)
+        status, message, totals = _consume(stream, job, plan, progress, clock, compactor)
     finally:
         if runner is not None:
             runner.close()
-    wall = time.monotonic() - start
+        _seal(compactor)
     if runner is not None and runner.ready_at is not None:
         clock.marks.setdefault("engine_ready", round(runner.ready_at - clock.start, 3))
-    summary = _verify(fs, folder, job, plan, status, message, wall, totals, skipped)
+    summary = verify(fs, folder, job, plan, status, message, totals, skipped)
     clock.mark("verify")
+    summary.wall_time_s = clock.marks["verify"]  # one clock: the job's wall time is its last phase mark
+    produced = totals["completion_tokens"] if job.task == Task.generate else totals["prompt_tokens"]
+    summary.tokens_per_s = round(produced / summary.wall_time_s, 1) if summary.wall_time_s > 0 else 0.0
     summary.executor, summary.phases, summary.versions = executor.value, clock.phases(), versions()
     io.write_json(fs, folder, io.SUMMARY_FILE, summary.to_dict())
     if summary.status == "succeeded" and job.writes_openai_batch:
@@ -172,7 +203,18 @@ def run_job(
         write_results(fs, folder, plan, job)  # before _SUCCESS: a kill in between reruns it on resume
     if summary.status == "succeeded":
         io.write_json(fs, folder, io.SUCCESS_FILE, {"rows": summary.rows_out, "shards": summary.shards})
+        compact.remove_staging(fs, folder)
+        io.remove_staged_input(fs, folder)  # a **/*.parquet glob over the output finds the output only
     return summary
+
+
+def _seal(compactor: compact.Compactor) -> None:
+    """Make every committed row visible in an output file, however the run ended."""
+    try:
+        compactor.seal()
+    except Exception:  # noqa: BLE001 - the shards stay staged; --resume compacts them
+        logger.exception("compacting the last output file failed")
+        compactor.close()
 
 
 def _batch_urls(plan: io.InputPlan) -> Optional[list[str]]:
@@ -225,8 +267,10 @@ def _start_inline(job: JobConfig, spec: RowSpec, clock: _Clock, batch_urls: Opti
 
 
 def _consume(stream: Iterator[dict], job: JobConfig, plan: io.InputPlan,
-             progress: Optional[Callable[[dict[str, int]], None]], clock: _Clock) -> tuple[str, str, dict[str, int]]:
-    """Add up the shards' stats as they commit; stop on Ctrl-C or past the error-rate bound."""
+             progress: Optional[Callable[[dict[str, int]], None]], clock: _Clock,
+             compactor: compact.Compactor) -> tuple[str, str, dict[str, int]]:
+    """Add up the shards' stats as they commit, compact them into output files; stop on Ctrl-C
+    or past the error-rate bound."""
     totals = {"rows": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "inputs": 0, "shards": 0}
     status, message = "succeeded", ""
     try:
@@ -234,6 +278,7 @@ def _consume(stream: Iterator[dict], job: JobConfig, plan: io.InputPlan,
             for key in ("rows", "errors", "prompt_tokens", "completion_tokens", "inputs"):
                 totals[key] += int(stats[key])
             totals["shards"] += 1
+            compactor.add(stats["shard"])
             clock.marks.setdefault("first_shard", round(time.monotonic() - clock.start, 3))
             clock.mark("last_shard")
             if stats.get("engine_ready"):
@@ -257,45 +302,6 @@ def _consume(stream: Iterator[dict], job: JobConfig, plan: io.InputPlan,
     return status, message, totals
 
 
-def _verify(fs: Any, folder: str, job: JobConfig, plan: io.InputPlan, status: str, message: str,
-            wall: float, totals: dict[str, int], skipped: int) -> Summary:
-    """Scan committed shards: the truth about what is in the output (including earlier runs)."""
-    import pyarrow.dataset as pads
-
-    files = io.committed_shards(fs, folder)
-    summary = Summary(status=status, output=job.output, rows_in=plan.total_rows, message=message,
-                      skipped_resume=skipped, shards=len(files), wall_time_s=round(wall, 3),
-                      deduplicated=plan.deduplicated)
-    if files:
-        cols = [job.id_column, "error", "prompt_tokens"] + (["completion_tokens", "sample_index"] if job.task == Task.generate else [])
-        cols += ["scored_tokens", "nll"] if job.task == Task.score else []
-        dataset = pads.dataset(files, filesystem=fs, format="parquet")
-        table = dataset.to_table(columns=cols)
-        stats = summarize(table)
-        if job.task == Task.score:
-            summary.scored_tokens, summary.perplexity = corpus_perplexity(table)
-            stats.update(scored_tokens=summary.scored_tokens, perplexity=summary.perplexity)
-        io.write_json(fs, folder, io.MANIFEST_FILE, {
-            "status": status, **stats, "config": job.model_dump(mode="json"),
-            "shards": [{"file": f.path.rsplit("/", 1)[-1], "rows": f.metadata.num_rows} for f in dataset.get_fragments()],
-        })
-        summary.rows_out, summary.error_rows = stats["rows"], stats["errors"]
-        summary.prompt_tokens, summary.completion_tokens = stats["prompt_tokens"], stats["completion_tokens"]
-        keys = [job.id_column] + (["sample_index"] if job.task == Task.generate else [])
-        distinct = table.group_by(keys).aggregate([]).num_rows
-        summary.duplicates = table.num_rows - distinct
-        summary.missing = max(0, plan.total_rows - len(pc.unique(table[job.id_column])))
-    else:
-        summary.missing = plan.total_rows
-    produced = totals["completion_tokens"] if job.task == Task.generate else totals["prompt_tokens"]
-    summary.tokens_per_s = round(produced / wall, 1) if wall > 0 else 0.0
-    if summary.status == "succeeded" and summary.missing:
-        summary.status, summary.message = "incomplete", f"{summary.missing} input ids have no output row"
-    if summary.status != "succeeded" and not summary.message.endswith("resume"):
-        summary.message += f"; rerun with --resume to finish the remaining {summary.missing} rows"
-    return summary
-
-
 def _embedding_dim(job: JobConfig) -> int:
     import json
 
@@ -306,6 +312,4 @@ def _embedding_dim(job: JobConfig) -> int:
 
 
 def _json(data: Any) -> bytes:
-    import json
-
     return json.dumps(data, default=str).encode()

@@ -14,8 +14,10 @@ import json
 import posixpath
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -26,6 +28,7 @@ from pipeline.config import ROW_OVERRIDE_FIELDS, ConfigError, Dedupe, InputForma
 from pipeline.records import ID
 
 SHARD_PREFIX = "part-"
+STAGING = "_staging"  # small commits, hidden from readers until compacted (compact.py)
 JOB_FILE = "_job.json"
 MANIFEST_FILE = "_manifest.json"
 SUMMARY_FILE = "_summary.json"
@@ -67,6 +70,8 @@ class InputPlan:
     staged: list[tuple[str, pa.Table]] = field(default_factory=list)  # text inputs, until stage_input
     dropped: dict[str, list[int]] = field(default_factory=dict)  # file name -> row indices dedupe drops
     deduplicated: int = 0
+
+    has_id_column: bool = True
 
     @property
     def id_type(self) -> pa.DataType:
@@ -120,11 +125,13 @@ def _one_format(files: list[str], fmt: InputFormat, uri: str) -> InputFormat:
 
 
 def plan_input(uri: str, prompt_column: str, id_column: str, passthrough: list[str],
-               input_format: InputFormat | str = InputFormat.auto, dedupe: Dedupe | str = Dedupe.refuse) -> InputPlan:
+               input_format: InputFormat | str = InputFormat.auto, dedupe: Dedupe | str = Dedupe.refuse,
+               check_ids: bool = True) -> InputPlan:
     """List files, check columns and types, count rows, find duplicate ids. Raises ConfigError.
 
     Parquet: only metadata and the id column are read. Text formats are parsed whole (errors
     carry the line number); their tables wait in ``plan.staged`` until ``stage_input``.
+    ``check_ids=False``: leave the duplicate-id check to a later ``find_duplicates(plan, dedupe)``.
     """
     fs, path = filesystem(uri)
     files, root, fmt = _list_files(fs, path, uri, InputFormat(input_format))
@@ -173,51 +180,69 @@ def plan_input(uri: str, prompt_column: str, id_column: str, passthrough: list[s
     fields = [pa.field(ID, id_type)] + [schema.field(c) for c in dict.fromkeys([prompt_column, *passthrough])]
     fields += [schema.field(c) for c in ROW_OVERRIDE_FIELDS if c in schema.names and c not in passthrough]
     total = sum(fr.rows for fr in fragments) + sum(t.num_rows for _, t in staged)
-    plan = InputPlan(fs, fragments, pa.schema(fields), total, digest.hexdigest()[:16], fmt, id_column, staged)
-    if id_column in schema.names:
-        _find_duplicates(plan, files, Dedupe(dedupe))
+    plan = InputPlan(fs, fragments, pa.schema(fields), total, digest.hexdigest()[:16], fmt, id_column, staged,
+                     has_id_column=id_column in schema.names)
+    if check_ids:
+        find_duplicates(plan, dedupe)
     return plan
 
 
-def _file_ids(plan: InputPlan, files: list[str]) -> list[tuple[str, pa.Array]]:
-    """(name, ids) per input file, in input order: only the id column is read."""
+def file_ids(plan: InputPlan) -> Iterator[tuple[str, pa.Array]]:
+    """(name, ids) per input file with rows, in input order (the order of ``plan.fragments``):
+    only the id column is read, or the ids are derived (``<file>#<row>``)."""
     if plan.staged:
-        return [(name, t[plan.id_column].cast(plan.id_type)) for name, t in plan.staged]
-    names = {fr.path: fr.name for fr in plan.fragments}
-    out = []
-    for f in files:
-        with plan.fs.open_input_file(f) as fh:
+        for name, t in plan.staged:
+            ids = t[plan.id_column] if plan.id_column in t.column_names else derived_ids(name, 0, t.num_rows)
+            yield name, ids.cast(plan.id_type).combine_chunks()
+        return
+    files = {fr.path: (fr.name, fr.offset + fr.rows) for fr in plan.fragments}  # in order; rows: the last end
+    for path, (name, rows) in files.items():
+        if not plan.has_id_column:
+            yield name, derived_ids(name, 0, rows)
+            continue
+        with plan.fs.open_input_file(path) as fh:
             table = pq.read_table(fh, columns=[plan.id_column])
-        out.append((names.get(f, f), table[plan.id_column].cast(plan.id_type).combine_chunks()))
-    return out
+        yield name, table[plan.id_column].cast(plan.id_type).combine_chunks()
 
 
-def _find_duplicates(plan: InputPlan, files: list[str], dedupe: Dedupe) -> None:
+def _has_repeats(ids: pa.ChunkedArray) -> bool:
+    """Exact: sort, then compare neighbours. A third of a hash table's memory (10M ids: about
+    0.4 GB against 1.2 GB); the hash aggregation below runs only when there are repeats."""
+    if len(ids) < 2:
+        return False
+    ordered = ids.take(pc.sort_indices(ids)).combine_chunks()
+    return bool(pc.any(pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))).as_py())
+
+
+def find_duplicates(plan: InputPlan, dedupe: Dedupe | str) -> None:
     """Refuse duplicate ids (with examples), or mark all but each id's first row to be dropped."""
-    per_file = _file_ids(plan, files)
+    if not plan.has_id_column:
+        return  # derived ids are distinct
+    dedupe = Dedupe(dedupe)
+    per_file = list(file_ids(plan))
     ids = pa.chunked_array([a for _, a in per_file], plan.id_type) if per_file else pa.chunked_array([], plan.id_type)
-    table = pa.table({"id": ids, "i": pa.array(range(len(ids)), pa.int64())})
+    if not _has_repeats(ids):
+        return
+    table = pa.table({"id": ids, "i": pa.array(np.arange(len(ids), dtype=np.int64))})
     groups = table.group_by("id", use_threads=False).aggregate([("i", "min"), ("i", "count")])
     if groups.num_rows == table.num_rows:
         return
     dup = groups.filter(pc.greater(groups["i_count"], 1)).sort_by("i_min")
     extra = table.num_rows - groups.num_rows
     if dedupe != Dedupe.first:
-        examples = ", ".join(repr(v) for v in dup["id"].to_pylist()[:3])
+        examples = ", ".join(repr(v) for v in dup["id"].slice(0, 3).to_pylist())
         raise ConfigError(
             f"input has {dup.num_rows} duplicate ids ({extra} extra rows; e.g. {examples}); "
             "pass --dedupe first to keep the first row of each"
         )
     keep = pc.is_in(table["i"], value_set=groups["i_min"])
-    dropped = table["i"].filter(pc.invert(keep)).to_pylist()
-    start, bounds = 0, []
+    dropped = table["i"].filter(pc.invert(keep)).to_numpy()  # the repeated rows only
+    start = 0
     for name, a in per_file:
-        bounds.append((name, start, start + len(a)))
+        local = dropped[(dropped >= start) & (dropped < start + len(a))] - start
+        if len(local):
+            plan.dropped[name] = local.tolist()
         start += len(a)
-    for name, lo, hi in bounds:
-        local = [i - lo for i in dropped if lo <= i < hi]
-        if local:
-            plan.dropped[name] = local
     plan.deduplicated = extra
     plan.total_rows -= extra
 
@@ -245,6 +270,13 @@ def stage_input(plan: InputPlan, fs: pafs.FileSystem, folder: str) -> None:
     plan.fs = fs
 
 
+def remove_staged_input(fs: pafs.FileSystem, folder: str) -> None:
+    """After success: drop the staged text input (``--resume`` of a finished job does not need it)."""
+    path = posixpath.join(folder, posixpath.dirname(formats.staged_name(0)))
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def read_fragment(fs: pafs.FileSystem, fr: Fragment, schema: pa.Schema, id_column: str) -> pa.Table:
     """One row group with only the needed columns and an ``__id`` column (given or derived)."""
     wanted = [f.name for f in schema if f.name != ID]
@@ -255,12 +287,18 @@ def read_fragment(fs: pafs.FileSystem, fr: Fragment, schema: pa.Schema, id_colum
     if id_column in table.column_names:
         ids = table[id_column].cast(schema.field(ID).type)
     else:
-        ids = pa.array([f"{fr.name}#{fr.offset + i}" for i in range(table.num_rows)], pa.string())
+        ids = derived_ids(fr.name, fr.offset, table.num_rows)
     cols = [ids] + [
         table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
         for f in schema if f.name != ID
     ]
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+def derived_ids(name: str, offset: int, rows: int) -> pa.Array:
+    """``<file>#<row>`` ids of an input without an id column (built in Arrow, not per row in Python)."""
+    rows_ = pc.cast(pa.array(np.arange(offset, offset + rows, dtype=np.int64)), pa.string())
+    return pc.binary_join_element_wise(pa.scalar(f"{name}#"), rows_, "")
 
 
 # ---- output ----------------------------------------------------------------------------------
@@ -275,17 +313,19 @@ def prepare_output(uri: str, overwrite: bool, resume: bool) -> tuple[pafs.FileSy
             fs.delete_dir_contents(path)
         elif not resume:
             raise ConfigError(f"output folder {uri!r} is not empty; pass --overwrite to replace it or --resume to continue")
-    fs.create_dir(path, recursive=True)
+    fs.create_dir(posixpath.join(path, STAGING), recursive=True)
     return fs, path
 
 
 def shard_name(table: pa.Table) -> str:
-    """Content-addressed: a retried batch rewrites the same file instead of adding a duplicate."""
-    h = hashlib.sha256()
-    for col in (ID, "sample_index"):
-        if col in table.column_names:
-            h.update("\x1f".join(map(str, table[col].to_pylist())).encode() + b"\x1e")
-    return f"{SHARD_PREFIX}{h.hexdigest()[:24]}.parquet"
+    """Content-addressed: a retried batch rewrites the same file instead of adding a duplicate.
+    Hashes the ids (and sample indices) as Arrow IPC bytes: no Python object per row."""
+    cols = [c for c in (ID, "sample_index") if c in table.column_names]
+    keys = pa.table([table[c].combine_chunks() for c in cols], names=cols)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, keys.schema) as writer:
+        writer.write_table(keys)
+    return f"{SHARD_PREFIX}{hashlib.sha256(sink.getvalue()).hexdigest()[:24]}.parquet"
 
 
 def finalize_columns(table: pa.Table, id_column: str, metadata: dict[bytes, bytes]) -> pa.Table:
@@ -294,24 +334,32 @@ def finalize_columns(table: pa.Table, id_column: str, metadata: dict[bytes, byte
 
 
 def write_shard(fs: pafs.FileSystem, folder: str, table: pa.Table, id_column: str, metadata: dict[bytes, bytes]) -> str:
-    """Write ``table`` to a temp name, then rename: readers never see a partial shard."""
+    """Write ``table`` into ``_staging/`` under a temp name, then rename: never a partial shard."""
     name = shard_name(table)
-    final = posixpath.join(folder, name)
-    tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+    staging = posixpath.join(folder, STAGING)
+    final = posixpath.join(staging, name)
+    tmp = posixpath.join(staging, f".tmp-{uuid.uuid4().hex}-{name}")
     pq.write_table(finalize_columns(table, id_column, metadata), tmp, filesystem=fs, compression="zstd")
     fs.move(tmp, final)
     return name
 
 
 def committed_shards(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """Committed shards not compacted yet (in ``_staging/``)."""
+    infos = fs.get_file_info(pafs.FileSelector(posixpath.join(folder, STAGING), allow_not_found=True))
+    return sorted(i.path for i in infos if i.is_file and posixpath.basename(i.path).startswith(SHARD_PREFIX))
+
+
+def output_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """The visible output files (sealed, at the top level of the output folder)."""
     infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     return sorted(i.path for i in infos if i.is_file and posixpath.basename(i.path).startswith(SHARD_PREFIX))
 
 
 def committed_ids(fs: pafs.FileSystem, folder: str, id_column: str) -> Optional[pa.Array]:
-    """Distinct ids in committed shards (temp files of a dead run are ignored), or None."""
+    """Distinct ids in output files and staged shards (temp files of a dead run are ignored), or None."""
     arrays = []
-    for path in committed_shards(fs, folder):
+    for path in output_files(fs, folder) + committed_shards(fs, folder):
         with fs.open_input_file(path) as fh:
             arrays.append(pq.read_table(fh, columns=[id_column])[id_column].combine_chunks())
     if not arrays:

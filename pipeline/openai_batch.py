@@ -149,7 +149,7 @@ def write_results(fs: Any, folder: str, plan: io.InputPlan, job: JobConfig) -> s
         dropped = set(plan.dropped.get(name, ()))
         order.append(ids.filter(pa.array([i not in dropped for i in range(len(ids))])) if dropped else ids)
     wanted = pa.chunked_array(order, pa.string()).combine_chunks()
-    files = io.committed_shards(fs, folder)
+    files = io.output_files(fs, folder)
     cols = [BATCH_ID, "status_code", "batch_request_id", "request_id", "body"]
     answers = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=cols)
     where = pc.index_in(wanted, value_set=answers[BATCH_ID])

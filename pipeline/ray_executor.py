@@ -1,12 +1,14 @@
 """The Ray Data executor: read tasks → an actor pool of engines (or Serve clients) → write tasks.
 
-Used for several engine replicas and on clusters. Each block is one slice of the input; the
-actors are async, so several blocks are inside one engine at once. Reading and the shard writer
+Used for several engine replicas and on clusters. Each block is a run of consecutive slices of
+the input (``group_slices``: about ``BLOCK_ROWS`` rows); the actors are async, so several blocks
+are inside one engine at once. Reading and the shard writer
 (``shards.py``) and the row contract (``records.py``) are shared with the inline executor.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -16,7 +18,9 @@ import pyarrow as pa
 from pipeline import io
 from pipeline.config import EngineConfig, JobConfig
 from pipeline.records import RowSpec, process_batch
-from pipeline.shards import READY_KEY, blocks_per_replica, commit_block, read_items
+from pipeline.shards import MIN_BLOCKS_PER_REPLICA, READY_KEY, blocks_per_replica, commit_block, read_items
+
+BLOCK_ROWS = 1024  # rows per Ray Data block (several slices): one read, engine call and shard each
 
 
 class EngineActor:
@@ -50,10 +54,8 @@ class ServeClient:
         return await self.handle.process_batch.remote(batch, self.spec, self.job_id)
 
 
-def _read_slice(items: pa.Table, *, fs: Any, schema: pa.Schema, id_column: str, done: Any) -> pa.Table:
-    import ray
-
-    return read_items(items.to_pylist(), fs, schema, id_column, None if done is None else ray.get(done))
+def _read_slices(items: pa.Table, *, fs: Any, schema: pa.Schema, id_column: str) -> pa.Table:
+    return read_items([s for row in items.column("slices").to_pylist() for s in json.loads(row)], fs, schema, id_column)
 
 
 def _write_block(block: pa.Table, **kwargs: Any) -> pa.Table:
@@ -63,7 +65,14 @@ def _write_block(block: pa.Table, **kwargs: Any) -> pa.Table:
 
 
 
-def stream(job: JobConfig, spec: RowSpec, plan: io.InputPlan, slices: list[dict], done: Any, write: dict,
+def group_slices(slices: list[dict], batch_size: int, replicas: int) -> list[list[dict]]:
+    """Consecutive slices per Ray Data block: up to ``BLOCK_ROWS`` rows, so Ray's per-task cost is
+    paid per thousand rows, not per slice; small jobs still get several blocks per replica."""
+    per = max(1, min(BLOCK_ROWS // batch_size, len(slices) // (MIN_BLOCKS_PER_REPLICA * replicas)))
+    return [slices[i:i + per] for i in range(0, len(slices), per)]
+
+
+def stream(job: JobConfig, spec: RowSpec, plan: io.InputPlan, slices: list[dict], write: dict,
            verbose: bool, clock: Any, batch_urls: Optional[list[str]]) -> Iterator[dict]:
     """The Ray Data executor: read tasks → engine actor pool → write tasks, one stats row per shard."""
     from pipeline.runtime import init_ray
@@ -77,25 +86,23 @@ def stream(job: JobConfig, spec: RowSpec, plan: io.InputPlan, slices: list[dict]
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
-    ds = ray.data.from_items(slices, override_num_blocks=max(1, len(slices)))
-    ds = ds.map_batches(
-        _read_slice, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"fs": plan.fs, "schema": plan.schema, "id_column": job.id_column,
-                   "done": None if done is None else ray.put(done)},
-    )
-    ds = _engine_stage(ds, job, spec, batch_urls)
+    groups = group_slices(slices, job.batch_size, job.engine.replicas)
+    ds = ray.data.from_items([{"slices": json.dumps(g)} for g in groups], override_num_blocks=len(groups))
+    ds = ds.map_batches(_read_slices, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs={"fs": plan.fs, "schema": plan.schema, "id_column": job.id_column})
+    ds = _engine_stage(ds, job, spec, batch_urls, block_rows=len(groups[0]) * job.batch_size)
     ds = ds.map_batches(_write_block, batch_size=None, batch_format="pyarrow", fn_kwargs=write)
     for row in ds.iter_rows():
         yield dict(row)
 
 
-def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[list[str]] = None) -> Any:
+def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[list[str]], block_rows: int) -> Any:
     import ray.data
 
     from pipeline.runtime import replica_resources
 
     # The actors are async: concurrent calls put several blocks inside one engine at once.
-    blocks = blocks_per_replica(job.engine.max_num_seqs, job.batch_size)
+    blocks = blocks_per_replica(job.engine.max_num_seqs, block_rows)
     compute = ray.data.ActorPoolStrategy(
         size=job.engine.replicas, max_tasks_in_flight_per_actor=blocks, max_concurrent_calls_per_actor=blocks,
     )
@@ -111,10 +118,10 @@ def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[l
     else:
         actor, kwargs = EngineActor, {"engine_config": job.engine, "spec": spec}
     resources = replica_resources(job.engine)
-    # One block (a slice of batch_size rows) per call; Ray Data insists on an explicit batch size
-    # when GPUs are requested, which here changes only how short (last or resumed) slices group.
+    # One block (a run of slices) per call; Ray Data insists on an explicit batch size when GPUs
+    # are requested, which here changes only how short (last or resumed) blocks group.
     return ds.map_batches(
-        actor, batch_size=job.batch_size if resources["num_gpus"] else None, batch_format="pyarrow", compute=compute,
+        actor, batch_size=block_rows if resources["num_gpus"] else None, batch_format="pyarrow", compute=compute,
         num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"] or None, fn_constructor_kwargs=kwargs,
     )  # Ray Data restarts dead engine actors and retries their blocks (max_restarts=-1 by default)
 

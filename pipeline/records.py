@@ -161,17 +161,23 @@ def _logprob_rows(logprobs: Optional[list[Any]]) -> Optional[list[dict[str, Any]
             for t in logprobs]
 
 
-def corpus_perplexity(table: pa.Table) -> tuple[int, Optional[float]]:
-    """Scored tokens and the token-weighted perplexity exp(sum(nll_i * n_i) / sum(n_i)) of score rows."""
+def perplexity_sums(table: pa.Table) -> tuple[int, float]:
+    """Score rows' scored tokens and sum(nll_i * n_i): what corpus perplexity adds up per file."""
     import pyarrow.compute as pc
 
     ok = table.filter(pc.is_valid(table["nll"]))
     scored = int(pc.sum(ok["scored_tokens"]).as_py() or 0)
     if not scored:
-        return 0, None
-    total = pc.sum(pc.multiply(ok["nll"], ok["scored_tokens"].cast(pa.float64()))).as_py()
+        return 0, 0.0
+    return scored, float(pc.sum(pc.multiply(ok["nll"], ok["scored_tokens"].cast(pa.float64()))).as_py())
+
+
+def perplexity(scored: int, total: float) -> Optional[float]:
+    """Token-weighted corpus perplexity exp(sum(nll_i * n_i) / sum(n_i)) from ``perplexity_sums``."""
+    if not scored:
+        return None
     mean = total / scored
-    return scored, math.exp(mean) if mean < 709 else math.inf
+    return math.exp(mean) if mean < 709 else math.inf
 
 
 def summarize(table: pa.Table) -> dict[str, int]:

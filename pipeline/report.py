@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from pipeline.batch import Summary, run_job
+from pipeline.batch import ALREADY_COMPLETE, Summary, run_job
 from pipeline.config import ConfigError, JobConfig, Task
 
 console = Console(stderr=True)
@@ -89,6 +89,9 @@ def run_with_progress(job: JobConfig, verbose: bool = False) -> Summary:
             if log:
                 console.print(f"logs: {log}", highlight=False)
             raise
+        if summary.message == ALREADY_COMPLETE and log:
+            os.remove(log)  # nothing ran: the finished job's own log stays
+            log = None
         kept = _keep_log(log, job.output)
     print_summary(summary)
     if kept:

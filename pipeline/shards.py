@@ -13,10 +13,11 @@ import threading
 import time
 from typing import Any, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import io
+from pipeline import compact, io
 from pipeline.records import ID, summarize
 
 HOLD_ENV = "GPT2_PIPELINE_HOLD_AFTER_SHARDS"
@@ -31,16 +32,16 @@ def blocks_per_replica(max_num_seqs: int, batch_size: int) -> int:
     return max(MIN_BLOCKS_PER_REPLICA, min(MAX_BLOCKS_PER_REPLICA, -(-max_num_seqs // batch_size) + 1))
 
 
-def read_items(items: list[dict], fs: Any, schema: pa.Schema, id_column: str, done: Optional[pa.Array]) -> pa.Table:
-    """The rows of some slices, less the ids a previous run committed (``done``)."""
+def read_items(items: list[dict], fs: Any, schema: pa.Schema, id_column: str) -> pa.Table:
+    """The rows of some slices, less their ``drop`` rows (repeated ids under --dedupe first, and
+    ids a previous run committed)."""
     tables = []
     for item in items:
         t = io.read_fragment(fs, io.Fragment(**item["fragment"]), schema, id_column).slice(item["start"], item["length"])
-        if item.get("drop"):  # --dedupe first: later rows of a repeated id
-            dropped = set(item["drop"])
-            t = t.filter(pa.array([i not in dropped for i in range(t.num_rows)]))
-        if done is not None:
-            t = t.filter(pc.invert(pc.is_in(t[ID], value_set=done)))
+        if item.get("drop"):
+            keep = np.ones(t.num_rows, dtype=bool)
+            keep[item["drop"]] = False
+            t = t.filter(pa.array(keep))
         tables.append(t)
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
@@ -58,11 +59,12 @@ def commit_block(block: pa.Table, fs: Any, folder: str, id_column: str, metadata
 
 
 def _hold(fs: Any, folder: str, stop: Optional[threading.Event]) -> None:
-    """Test hook: with $GPT2_PIPELINE_HOLD_AFTER_SHARDS=N, writes wait while N shards are committed,
-    so fault tests interrupt a job in a known state instead of racing it. Off unless set.
+    """Test hook: with $GPT2_PIPELINE_HOLD_AFTER_SHARDS=N, writes wait while N blocks are committed
+    (staged or compacted), so fault tests interrupt a job in a known state instead of racing it.
+    Off unless set.
     ``stop`` (inline executor) ends the wait when the job ends: nothing is written after it."""
     limit = os.environ.get(HOLD_ENV)
-    while limit and len(io.committed_shards(fs, folder)) >= int(limit):
+    while limit and compact.committed_blocks(fs, folder) >= int(limit):
         if stop is not None and stop.wait(0.1):
             raise RuntimeError("the job stopped")
         time.sleep(0 if stop is not None else 0.1)

@@ -74,8 +74,9 @@ def test_output_files_manifest_and_metadata(mixed_job):
 
     out = Path(job.output)
     shards = sorted(out.glob("part-*.parquet"))
-    assert len(shards) == summary.shards >= 5  # 40 rows / batch_size 8
-    assert not list(out.glob(".tmp-*"))
+    assert len(shards) == summary.shards == 1  # 5 commits of 8 rows (2 samples each), compacted into one file
+    assert not list(out.glob(".tmp-*")) and not (out / "_staging").exists()
+    assert summary.wall_time_s == summary.phases["verify"]  # one clock
     manifest = json.loads((out / "_manifest.json").read_text())
     assert sum(s["rows"] for s in manifest["shards"]) == N_ROWS * 2
     assert json.loads((out / "_SUCCESS").read_text())["rows"] == N_ROWS * 2
@@ -100,10 +101,12 @@ def test_resume_skips_committed_ids_and_refuses_changed_config(tmp_path, ray_clu
     from pathlib import Path
 
     src = write_prompts(tmp_path / "in.parquet", [f"Resume prompt {i}" for i in range(24)])
-    job = JobConfig(input=str(src), output=str(tmp_path / "out"), batch_size=8, sampling={"max_tokens": 4, "seed": 1})
+    job = JobConfig(input=str(src), output=str(tmp_path / "out"), batch_size=8, max_rows_per_file=8,
+                    sampling={"max_tokens": 4, "seed": 1})
     assert run_job(job).status == "succeeded"
     out = Path(job.output)
     shards = sorted(out.glob("part-*.parquet"))
+    assert len(shards) == 3  # the row cap: 8 rows per output file
     lost = set(pq.read_table(shards[0])["id"].to_pylist())
     shards[0].unlink()  # as if the run died before this shard was committed
     (out / ".tmp-deadbeef-part-x.parquet").write_bytes(b"partial write of a dead run")
@@ -115,10 +118,43 @@ def test_resume_skips_committed_ids_and_refuses_changed_config(tmp_path, ray_clu
 
     summary = run_job(job.model_copy(update={"resume": True}))
     assert summary.status == "succeeded" and summary.skipped_resume == 24 - len(lost)
+    assert summary.phases["engine_ready"] is not None  # rows remained: an engine ran them
     table = pq.read_table(out)
     ids = table["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 24 and lost <= set(ids)
     assert not list(out.glob(".tmp-*"))
+
+    saved = (out / "_summary.json").read_text()
+    again = run_job(job.model_copy(update={"resume": True}))  # finished: the summary is read back
+    assert again.status == "succeeded" and again.message.startswith("already complete")
+    assert again.rows_out == 24 and (out / "_summary.json").read_text() == saved  # nothing ran or changed
+
+    (out / "_SUCCESS").unlink()  # every id committed, but not marked finished: verify only, no engine
+    last = run_job(job.model_copy(update={"resume": True}))
+    assert last.status == "succeeded" and last.skipped_resume == 24
+    assert last.phases["engine_ready"] is None and last.phases["first_shard"] is None
+    assert (out / "_SUCCESS").exists()
+
+
+def test_compaction_row_cap_and_each_id_once_for_every_reader(tmp_path, ray_cluster):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    from pathlib import Path
+
+    src = write_prompts(tmp_path / "in.parquet", [f"Compact prompt {i}" for i in range(50)],
+                        id=pa.array([f"k{i:03d}" for i in range(50)]))
+    job = JobConfig(input=str(src), output=str(tmp_path / "out"), batch_size=4, max_rows_per_file=12,
+                    sampling={"max_tokens": 2})
+    summary = run_job(job)
+    out = Path(job.output)
+    files = sorted(out.glob("part-*.parquet"))
+    rows = [pq.read_metadata(f).num_rows for f in files]  # blocks of 4 (one of 2) in commit order
+    assert summary.status == "succeeded" and len(files) == summary.shards == 5 and sum(rows) == 50
+    assert max(rows) == 12 and sorted(rows)[1] >= 10, rows
+    assert not (out / "_staging").exists()
+    assert sorted(pd.read_parquet(out)["id"]) == sorted(pl.read_parquet(f"{out}/*.parquet")["id"].to_list())
+    assert duckdb.sql(f"select count(*), count(distinct id) from '{out}/**/*.parquet'").fetchall() == [(50, 50)]
 
 
 def test_nonempty_output_is_refused_before_engines_start(tmp_path):

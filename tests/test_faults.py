@@ -12,6 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_prompts
+from pyarrow.fs import LocalFileSystem
+
+from pipeline import compact
 from pipeline.batch import run_job
 from pipeline.shards import HOLD_ENV
 from pipeline.config import JobConfig
@@ -20,13 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def shards(out: Path) -> int:
-    return len(list(out.glob("part-*.parquet")))
+    """Committed blocks: shards still staged plus those compacted into output files."""
+    return compact.committed_blocks(LocalFileSystem(), str(out))
 
 
-def start_run(src: Path, out: Path, *extra: str, hold_after: int | None = None) -> subprocess.Popen:
+def start_run(src: Path, out: Path, *extra: str, hold_after: int | None = None,
+              env: dict | None = None) -> subprocess.Popen:
     """The CLI in its own process group; ``hold_after=N`` holds every write once N shards are
     committed (shards.HOLD_ENV), so the job is still running whenever the test interrupts it."""
-    env = {**os.environ, HOLD_ENV: str(hold_after)} if hold_after else None
+    env = {**os.environ, **(env or {}), **({HOLD_ENV: str(hold_after)} if hold_after else {})}
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "run", "--input", str(src), "--output", str(out), "--batch-size", "4",
          "--max-tokens", "48", "--ignore-eos", "--seed", "0", "--num-cpus", "4", *extra],
@@ -70,6 +75,41 @@ def test_ctrl_c_then_kill_9_then_resume_is_exactly_once(tmp_path):
     assert len(ids) == len(set(ids)) == 64
     assert json.loads((out / "_summary.json").read_text())["skipped_resume"] > 0
     assert (out / "_SUCCESS").exists() and not list(out.glob(".tmp-*"))
+
+
+def test_kill_9_mid_compaction_readers_and_resume_see_each_id_once(tmp_path):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    src = write_prompts(tmp_path / "in.parquet", [f"Compacted prompt number {i}" for i in range(64)],
+                        id=[f"id-{i:02d}" for i in range(64)])
+    out = tmp_path / "out"
+    # Output files of 8 rows (2 commits of 4); the job holds right after the first file's rename,
+    # before the 2 staged shards it holds are deleted: the one moment both copies exist.
+    first = start_run(src, out, "--max-rows-per-file", "8", env={compact.HOLD_ENV: "1"})
+    deadline = time.monotonic() + 400
+    while not list(out.glob("part-*.parquet")):
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no output file"
+        time.sleep(0.5)
+    visible = list(out.glob("part-*.parquet"))
+    held = set(compact.sources(LocalFileSystem(), str(visible[0])))
+    assert len(held) == 2 and held <= {p.name for p in (out / "_staging").glob("part-*.parquet")}
+    for ids in (pd.read_parquet(out)["id"].tolist(), pl.read_parquet(f"{out}/*.parquet")["id"].to_list(),
+                [r[0] for r in duckdb.sql(f"select id from '{out}/*.parquet'").fetchall()]):
+        assert len(ids) == len(set(ids)) == 8  # the staged copies are invisible to readers
+    os.killpg(first.pid, signal.SIGKILL)  # kill -9 mid-compaction
+    first.wait(60)
+
+    second = start_run(src, out, "--resume", "--max-rows-per-file", "8")
+    log = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, log[-3000:]
+    ids = pq.read_table(out)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 64
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["skipped_resume"] >= 8 and summary["duplicates"] == 0 and summary["shards"] == 8
+    assert not (out / "_staging").exists()
 
 
 def test_engine_actor_and_node_failures_lose_and_duplicate_nothing():

@@ -42,6 +42,9 @@ def test_jsonl_gives_the_same_rows_as_parquet(tmp_path, parquet_rows):
     assert summary.status == "succeeded" and summary.rows_in == 6
     assert rows(tmp_path / "out") == parquet_rows
     assert [r["completion_tokens"] for r in parquet_rows][:1] == [3]  # the override column was applied
+    # the staged Parquet copy of the input is gone after success: a recursive glob finds the output only
+    assert not (tmp_path / "out" / "_input").exists()
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.parquet")) == [f.name for f in (tmp_path / "out").glob("part-*")]
 
 
 def test_csv_with_duplicates_deduped_gives_the_same_rows(tmp_path, parquet_rows):

@@ -90,7 +90,7 @@ def test_shards_are_atomic_and_content_addressed(tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in io.committed_shards(fs, folder)] == [first]
     assert io.committed_ids(fs, folder, "id").to_pylist() == ["a", "b"]
     assert io.remove_temp_files(fs, folder) == 1
-    written = pq.read_table(tmp_path / "out" / first)
+    written = pq.read_table(tmp_path / "out" / "_staging" / first)
     assert written.column_names[0] == "id" and written.schema.metadata[b"k"] == b"v"
 
 

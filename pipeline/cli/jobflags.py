@@ -19,9 +19,9 @@ import typer
 
 from pipeline.cli.common import (
     Address, BatchSize, DedupeOpt, DtypeOpt, GpusPerReplica, IgnoreEos, Input, InputFormatOpt, Logprobs, MaxModelLen,
-    MaxTokens, MinTokens, Model, N, NumCpus, Offline, Output, OutputFormatOpt, Overwrite, Passthrough, Replicas,
-    RepetitionPenalty, ScoreFirstToken, Seed, Stop, Stride, Temperature, TensorParallel, TokenLogprobs, TopK, TopP,
-    ViaServe,
+    MaxRowsPerFile, MaxTokens, MinTokens, Model, N, NumCpus, Offline, Output, OutputFormatOpt, Overwrite, Passthrough, Replicas,
+    RepetitionPenalty, ScoreFirstToken, Seed, Stop, Stride, TargetFileMb, Temperature, TensorParallel, TokenLogprobs,
+    TopK, TopP, ViaServe,
 )
 from pipeline.config import Executor, Task
 
@@ -52,6 +52,8 @@ JOB_FLAGS: dict[str, JobFlag] = {
     "id_column": JobFlag(("id_column",), Annotated[Optional[str], _opt("Column holding input ids (else '<file>#<row>').")]),
     "passthrough": JobFlag(("passthrough",), Passthrough),
     "batch_size": JobFlag(("batch_size",), BatchSize),
+    "target_file_mb": JobFlag(("target_file_mb",), TargetFileMb),
+    "max_rows_per_file": JobFlag(("max_rows_per_file",), MaxRowsPerFile),
     "max_tokens": JobFlag(("sampling", "max_tokens"), MaxTokens),
     "min_tokens": JobFlag(("sampling", "min_tokens"), MinTokens),
     "temperature": JobFlag(("sampling", "temperature"), Temperature),

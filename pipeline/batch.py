@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from pipeline import io
 from pipeline.config import ConfigError, Executor, InputFormat, JobConfig, Task
-from pipeline.records import ID, RowSpec, corpus_perplexity, summarize
+from pipeline.records import ID, RowSpec, block_precision, corpus_perplexity, summarize
 
 logger = logging.getLogger(__name__)
 HOLD_ENV = "GPT2_PIPELINE_HOLD_AFTER_SHARDS"
@@ -69,6 +69,8 @@ class Summary:
     perplexity: Optional[float] = None  # score task: exp(sum(nll_i * scored_i) / sum(scored_i))
     message: str = ""
     executor: str = ""  # inline (driver process) or ray-data
+    dtype: str = ""  # what the engines ran in (empty when no block ran), and why
+    dtype_reason: str = ""
     phases: dict[str, Optional[float]] = field(default_factory=dict)  # seconds from the job's start
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -94,12 +96,13 @@ def commit_block(block: pa.Table, fs: Any, folder: str, id_column: str, metadata
                  stop: Optional[threading.Event] = None) -> dict[str, Any]:
     """Write one processed block as a shard; its stats for progress (and when its engine was ready)."""
     ready = (block.schema.metadata or {}).get(READY_KEY)
+    precision = block_precision(block)
     block = block.replace_schema_metadata(None)
     _hold(fs, folder, stop)
     name = io.write_shard(fs, folder, block, id_column, metadata)
     stats = summarize(block)
     stats["inputs"] = len(pc.unique(block[ID]))
-    return {"shard": name, **stats, "engine_ready": float(ready) if ready else None}
+    return {"shard": name, **stats, "engine_ready": float(ready) if ready else None, **precision}
 
 
 def _hold(fs: Any, folder: str, stop: Optional[threading.Event]) -> None:
@@ -181,6 +184,7 @@ def run_job(
     executor = job.resolved_executor(embedded=ray_address(job.address) is None)
     batch_urls = _batch_urls(plan)
     runner = _start_inline(job, spec, clock, batch_urls) if executor == Executor.inline else None
+    precision: dict[str, str] = {}
     try:
         done = io.committed_ids(fs, folder, job.id_column) if job.resume else None
         skipped = 0 if done is None else len(done)
@@ -203,7 +207,7 @@ def run_job(
 
             stream = ray_executor.stream(job, spec, plan, slices, done, write, verbose, clock, batch_urls)
         start = time.monotonic()
-        status, message, totals = _consume(stream, job, plan, progress, clock)
+        status, message, totals = _consume(stream, job, plan, progress, clock, precision)
     finally:
         if runner is not None:
             runner.close()
@@ -213,6 +217,7 @@ def run_job(
     summary = _verify(fs, folder, job, plan, status, message, wall, totals, skipped)
     clock.mark("verify")
     summary.executor, summary.phases, summary.versions = executor.value, clock.phases(), versions()
+    summary.dtype, summary.dtype_reason = precision.get("dtype", ""), precision.get("dtype_reason", "")
     io.write_json(fs, folder, io.SUMMARY_FILE, summary.to_dict())
     if summary.status == "succeeded" and job.writes_openai_batch:
         from pipeline.openai_batch import write_results
@@ -273,8 +278,10 @@ def _start_inline(job: JobConfig, spec: RowSpec, clock: _Clock, batch_urls: Opti
 
 
 def _consume(stream: Iterator[dict], job: JobConfig, plan: io.InputPlan,
-             progress: Optional[Callable[[dict[str, int]], None]], clock: _Clock) -> tuple[str, str, dict[str, int]]:
-    """Add up the shards' stats as they commit; stop on Ctrl-C or past the error-rate bound."""
+             progress: Optional[Callable[[dict[str, int]], None]], clock: _Clock,
+             precision: dict[str, str]) -> tuple[str, str, dict[str, int]]:
+    """Add up the shards' stats as they commit (``precision``: filled with the engines' dtype and
+    why); stop on Ctrl-C or past the error-rate bound."""
     totals = {"rows": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "inputs": 0, "shards": 0}
     status, message = "succeeded", ""
     try:
@@ -284,6 +291,8 @@ def _consume(stream: Iterator[dict], job: JobConfig, plan: io.InputPlan,
             totals["shards"] += 1
             clock.marks.setdefault("first_shard", round(time.monotonic() - clock.start, 3))
             clock.mark("last_shard")
+            if stats.get("dtype"):
+                precision.update(dtype=stats["dtype"], dtype_reason=stats.get("dtype_reason", ""))
             if stats.get("engine_ready"):
                 ready = round(stats["engine_ready"] - clock.start_unix, 3)
                 clock.marks["engine_ready"] = min(ready, clock.marks.get("engine_ready", ready))

@@ -66,3 +66,25 @@ def test_resolve_reads_the_model_and_this_platform(model):
     assert generate.dtype == ("bfloat16" if fast and model != "demo" else "float32")
     assert resolve_dtype(EngineConfig(model=model), Task.score).dtype == "float32"
     assert resolve_dtype(EngineConfig(model=model, dtype="bfloat16"), Task.score) == Precision("bfloat16", "requested")
+
+
+def test_fused_gelu_in_half_precision_and_vllms_formula_in_float32():
+    """Eager CPU engines run GPT-2's GELU as ATen's fused tanh kernel in bfloat16 (vLLM: six ops);
+    float32 keeps vLLM's op-by-op formula (HF's), so float32 tokens stay equal to HF's."""
+    import math
+
+    import torch
+    from vllm.model_executor.layers.activation import NewGELU
+
+    from pipeline.engine.cpu_ops import use_fused_gelu
+
+    use_fused_gelu()
+    use_fused_gelu()  # once per process: a second call changes nothing
+    gelu = NewGELU.__new__(NewGELU)  # the formula needs no module state (nor a vLLM config)
+    x = torch.linspace(-6, 6, 3001)
+    exact = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    assert torch.equal(gelu.forward_cpu(x), gelu.forward_native(x))
+    half = gelu.forward_cpu(x.bfloat16())
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), exact, rtol=1e-2, atol=1e-2)
+    assert (half.float() - exact).abs().max() <= (gelu.forward_native(x.bfloat16()).float() - exact).abs().max()

@@ -56,6 +56,10 @@ class Engine:
         self.precision = resolve_dtype(config, self.task)
         args = engine_args(config, self.task, priority_scheduling, colocated, precision=self.precision)
         self.in_process = in_process and one_cpu_worker(args) and _IN_PROCESS.acquire(blocking=False)
+        if self.in_process:
+            from pipeline.engine.cpu_ops import use_fused_gelu
+
+            use_fused_gelu()  # before the model is built: its layers pick their forward then
         try:
             with model_in_engine_core(args):
                 if self.in_process:

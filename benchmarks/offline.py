@@ -43,12 +43,12 @@ SHORT = {"ours": "ours", "raw_vllm": "raw vLLM", "raw_vllm_1proc": "raw vLLM 1pr
 # ================================================================================================
 # What both the driver and the workers need
 # ================================================================================================
-def engine_kwargs(model: str) -> dict[str, Any]:
+def engine_kwargs(model: str, dtype: str = "auto") -> dict[str, Any]:
     """Exactly the vLLM engine arguments our engine uses (read back from ``engine_args``)."""
     from pipeline.config import EngineConfig, Task
     from pipeline.engine import engine_args
 
-    args = engine_args(EngineConfig(model=model), Task.generate, False)
+    args = engine_args(EngineConfig(model=model, dtype=dtype), Task.generate, False)
     keys = ("model", "served_model_name", "dtype", "max_model_len", "max_num_seqs", "tensor_parallel_size",
             "enable_prefix_caching", "enforce_eager", "gpu_memory_utilization", "disable_log_stats", "seed",
             "enable_chunked_prefill", "kv_cache_memory_bytes")
@@ -132,7 +132,7 @@ def worker_raw(a: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     from vllm import LLM, SamplingParams
 
-    kwargs = engine_kwargs(a.model)
+    kwargs = engine_kwargs(a.model, a.dtype)
     prompts = read_prompts(a.prompts)
     t0 = time.monotonic()
     llm = LLM(**kwargs)
@@ -180,7 +180,7 @@ def worker_rdllm(a: argparse.Namespace) -> dict[str, Any]:
     ctx.enable_progress_bars = a.verbose
     ctx.print_on_execution_start = a.verbose
     build = getattr(rdllm, "build_processor", None) or getattr(rdllm, "build_llm_processor")
-    kwargs = engine_kwargs(a.model)
+    kwargs = engine_kwargs(a.model, a.dtype)
     kwargs.pop("model")
     sampling = sampling_kwargs(a.max_tokens, a.temperature, a.top_p, a.top_k)
     config = rdllm.vLLMEngineProcessorConfig(
@@ -304,7 +304,7 @@ def run_ours(a: argparse.Namespace, prompts: Path, work: Path, rows: int, replic
     cmd = _cli() + ["run", "--input", str(prompts), "--output", str(out), "--model", a.model,
                     "--max-tokens", str(a.max_tokens), "--temperature", str(a.temperature), "--ignore-eos",
                     "--top-p", str(a.top_p), "--top-k", str(a.top_k), "--overwrite", "--replicas", str(replicas), "--batch-size", str(a.batch_size),
-                    "--num-cpus", str(a.num_cpus)]
+                    "--num-cpus", str(a.num_cpus), "--dtype", a.dtype]
     if a.gpus_per_replica:
         cmd += ["--gpus-per-replica", str(a.gpus_per_replica)]
     run = run_monitored(cmd, work / f"log-ours-{tag}.txt", a.timeout, interval=a.sample_interval)
@@ -354,7 +354,7 @@ def run_worker(a: argparse.Namespace, system: str, prompts: Path, work: Path) ->
            "--max-tokens", str(a.max_tokens), "--temperature", str(a.temperature), "--replicas", str(a.replicas),
            "--top-p", str(a.top_p), "--top-k", str(a.top_k),
            "--batch-size", str(a.batch_size), "--num-cpus", str(a.num_cpus), "--hf-batch-size", str(a.hf_batch_size),
-           "--gpus-per-replica", str(a.gpus_per_replica), "--ct2-batch-size", str(a.ct2_batch_size)]
+           "--gpus-per-replica", str(a.gpus_per_replica), "--ct2-batch-size", str(a.ct2_batch_size), "--dtype", a.dtype]
     if a.ct2_site:
         cmd += ["--ct2-site", a.ct2_site]
     if a.hf_rows:
@@ -488,7 +488,7 @@ def main_compare(a: argparse.Namespace, work: Path) -> None:
         "benchmark": "offline", "model": a.model, "rows": a.rows, "hf_rows": a.hf_rows or a.rows,
         "max_tokens": a.max_tokens, "temperature": a.temperature, "ignore_eos": True, "top_p": a.top_p, "top_k": a.top_k,
         "replicas": a.replicas, "gpus_per_replica": a.gpus_per_replica, "batch_size": a.batch_size, "ray_num_cpus": a.num_cpus,
-        "engine_kwargs": {k: str(v) for k, v in engine_kwargs(a.model).items()},
+        "engine_kwargs": {k: str(v) for k, v in engine_kwargs(a.model, a.dtype).items()},
         "sampling": sampling_kwargs(a.max_tokens, a.temperature, a.top_p, a.top_k), "machine": machine(), "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "foreign_ray_warning": warn_foreign_ray(),
     }
@@ -565,7 +565,7 @@ def main_scaling(a: argparse.Namespace, work: Path) -> None:
         "benchmark": "offline-scaling", "model": a.model, "max_tokens": a.max_tokens, "temperature": a.temperature,
         "batch_size": a.batch_size, "ray_num_cpus": a.num_cpus, "plan": plan, "machine": machine(),
         "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "engine_kwargs": {k: str(v) for k, v in engine_kwargs(a.model).items()}, "foreign_ray_warning": warn_foreign_ray(),
+        "engine_kwargs": {k: str(v) for k, v in engine_kwargs(a.model, a.dtype).items()}, "foreign_ray_warning": warn_foreign_ray(),
     }
     results = []
     for rows, replicas in plan:
@@ -609,6 +609,7 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--hf-batch-size", type=int, default=16, help="HF transformers: prompts per generate() call.")
     p.add_argument("--ct2-site", default=None, help="CTranslate2 peers: folder it is installed in (pip install --target DIR --no-deps ctranslate2).")
     p.add_argument("--ct2-batch-size", type=int, default=64, help="CTranslate2: prompts per batch.")
+    p.add_argument("--dtype", default="auto", help="Ours and raw vLLM with our settings: this dtype (auto: what ours picks here).")
     p.add_argument("--no-bound", action="store_true", help="Skip measuring the matmul bound.")
     p.add_argument("--seed", type=int, default=0, help="Prompt-set seed.")
     p.add_argument("--repeat", type=int, default=1, help="Rounds (round robin over systems); the best round per system is reported.")

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
+from _common import read_prompts, sampling_kwargs  # noqa: E402,F401 - importers of this module use them
 
 SYSTEMS = ("ours", "raw_vllm", "raw_vllm_1proc", "raw_vllm_defaults", "ray_data_llm", "hf_transformers", "ct2_int8",
            "ct2_float32")
@@ -54,22 +55,6 @@ def engine_kwargs(model: str, dtype: str = "auto") -> dict[str, Any]:
             "enable_chunked_prefill", "kv_cache_memory_bytes")
     out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     return {k: v for k, v in out.items() if v is not None}
-
-
-def sampling_kwargs(max_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0) -> dict[str, Any]:
-    """The same sampling as ``--max-tokens T --temperature X --ignore-eos`` on our CLI."""
-    from pipeline.config import SamplingConfig
-
-    full = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                          ignore_eos=True).to_sampling_kwargs()
-    return {k: v for k, v in full.items() if v is not None}
-
-
-def read_prompts(path: str, limit: Optional[int] = None) -> list[str]:
-    import pyarrow.parquet as pq
-
-    prompts = pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()
-    return prompts[:limit] if limit else prompts
 
 
 def steady_from_files(files: list[tuple[float, int]], gap: float = 0.25) -> dict[str, Any]:

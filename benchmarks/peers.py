@@ -24,7 +24,7 @@ def worker_raw_defaults(a: argparse.Namespace) -> dict[str, Any]:
     """Raw vLLM one process, vLLM's defaults: what a user gets from ``LLM(model)``."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     t_start = time.monotonic()
-    from offline import read_prompts, sampling_kwargs
+    from _common import read_prompts, sampling_kwargs
     from vllm import LLM, SamplingParams
 
     from pipeline.models import resolve_model
@@ -65,7 +65,7 @@ def _worker_ct2(a: argparse.Namespace, compute_type: str) -> dict[str, Any]:
     if a.ct2_site:
         sys.path.insert(0, a.ct2_site)
     import ctranslate2
-    from offline import read_prompts
+    from _common import read_prompts
     from transformers import AutoTokenizer
 
     from pipeline.models import resolve_model

@@ -357,3 +357,19 @@ def fmt(x: Any, digits: int = 1) -> Any:
 
 def python() -> str:
     return sys.executable
+
+
+def sampling_kwargs(max_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0) -> dict[str, Any]:
+    """The same sampling as ``--max-tokens T --temperature X --ignore-eos`` on our CLI."""
+    from pipeline.config import SamplingConfig
+
+    full = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          ignore_eos=True).to_sampling_kwargs()
+    return {k: v for k, v in full.items() if v is not None}
+
+
+def read_prompts(path: str, limit: Optional[int] = None) -> list[str]:
+    import pyarrow.parquet as pq
+
+    prompts = pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()
+    return prompts[:limit] if limit else prompts

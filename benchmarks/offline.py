@@ -26,45 +26,35 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
+from _common import read_prompts, sampling_kwargs  # noqa: E402,F401 - importers of this module use them
 
-SYSTEMS = ("ours", "raw_vllm", "raw_vllm_1proc", "ray_data_llm", "hf_transformers")
+SYSTEMS = ("ours", "raw_vllm", "raw_vllm_1proc", "raw_vllm_defaults", "ray_data_llm", "hf_transformers", "ct2_int8",
+           "ct2_float32")
 LABELS = {"ours": "ours (gpt2-pipeline run)", "raw_vllm": "raw vLLM LLM.generate",
-          "raw_vllm_1proc": "raw vLLM LLM.generate, VLLM_ENABLE_V1_MULTIPROCESSING=0 (one process, all cores)",
-          "ray_data_llm": "Ray Data LLM", "hf_transformers": "HF transformers generate"}
-SHORT = {"ours": "ours", "raw_vllm": "raw vLLM", "raw_vllm_1proc": "raw vLLM 1proc", "ray_data_llm": "Ray Data LLM",
-         "hf_transformers": "HF generate"}
+          "raw_vllm_1proc": "raw vLLM LLM.generate, VLLM_ENABLE_V1_MULTIPROCESSING=0 (one process, our engine settings)",
+          "raw_vllm_defaults": "raw vLLM LLM.generate, one process, vLLM's defaults",
+          "ray_data_llm": "Ray Data LLM", "hf_transformers": "HF transformers generate",
+          "ct2_int8": "CTranslate2 int8", "ct2_float32": "CTranslate2 float32"}
+SHORT = {"ours": "ours", "raw_vllm": "raw vLLM", "raw_vllm_1proc": "raw vLLM 1proc ours", "ray_data_llm": "Ray Data LLM",
+         "raw_vllm_defaults": "raw vLLM 1proc defaults", "hf_transformers": "HF generate", "ct2_int8": "CT2 int8",
+         "ct2_float32": "CT2 float32"}
 
 
 # ================================================================================================
 # What both the driver and the workers need
 # ================================================================================================
-def engine_kwargs(model: str) -> dict[str, Any]:
+def engine_kwargs(model: str, dtype: str = "auto") -> dict[str, Any]:
     """Exactly the vLLM engine arguments our engine uses (read back from ``engine_args``)."""
     from pipeline.config import EngineConfig, Task
     from pipeline.engine import engine_args
 
-    args = engine_args(EngineConfig(model=model), Task.generate, False)
+    args = engine_args(EngineConfig(model=model, dtype=dtype), Task.generate, False)
     keys = ("model", "served_model_name", "dtype", "max_model_len", "max_num_seqs", "tensor_parallel_size",
             "enable_prefix_caching", "enforce_eager", "gpu_memory_utilization", "disable_log_stats", "seed",
             "enable_chunked_prefill", "kv_cache_memory_bytes")
     out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     return {k: v for k, v in out.items() if v is not None}
-
-
-def sampling_kwargs(max_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0) -> dict[str, Any]:
-    """The same sampling as ``--max-tokens T --temperature X --ignore-eos`` on our CLI."""
-    from pipeline.config import SamplingConfig
-
-    full = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                          ignore_eos=True).to_sampling_kwargs()
-    return {k: v for k, v in full.items() if v is not None}
-
-
-def read_prompts(path: str, limit: Optional[int] = None) -> list[str]:
-    import pyarrow.parquet as pq
-
-    prompts = pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()
-    return prompts[:limit] if limit else prompts
 
 
 def steady_from_files(files: list[tuple[float, int]], gap: float = 0.25) -> dict[str, Any]:
@@ -127,7 +117,7 @@ def worker_raw(a: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     from vllm import LLM, SamplingParams
 
-    kwargs = engine_kwargs(a.model)
+    kwargs = engine_kwargs(a.model, a.dtype)
     prompts = read_prompts(a.prompts)
     t0 = time.monotonic()
     llm = LLM(**kwargs)
@@ -175,7 +165,7 @@ def worker_rdllm(a: argparse.Namespace) -> dict[str, Any]:
     ctx.enable_progress_bars = a.verbose
     ctx.print_on_execution_start = a.verbose
     build = getattr(rdllm, "build_processor", None) or getattr(rdllm, "build_llm_processor")
-    kwargs = engine_kwargs(a.model)
+    kwargs = engine_kwargs(a.model, a.dtype)
     kwargs.pop("model")
     sampling = sampling_kwargs(a.max_tokens, a.temperature, a.top_p, a.top_k)
     config = rdllm.vLLMEngineProcessorConfig(
@@ -268,7 +258,9 @@ def worker_hf(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-WORKERS = {"raw_vllm": worker_raw, "raw_vllm_1proc": worker_raw_1proc, "ray_data_llm": worker_rdllm, "hf_transformers": worker_hf}
+WORKERS = {"raw_vllm": worker_raw, "raw_vllm_1proc": worker_raw_1proc, "ray_data_llm": worker_rdllm, "hf_transformers": worker_hf,
+           "raw_vllm_defaults": peers.worker_raw_defaults, "ct2_int8": peers.worker_ct2_int8,
+           "ct2_float32": peers.worker_ct2_float32}
 
 
 def worker_main(a: argparse.Namespace) -> None:
@@ -297,7 +289,7 @@ def run_ours(a: argparse.Namespace, prompts: Path, work: Path, rows: int, replic
     cmd = _cli() + ["run", "--input", str(prompts), "--output", str(out), "--model", a.model,
                     "--max-tokens", str(a.max_tokens), "--temperature", str(a.temperature), "--ignore-eos",
                     "--top-p", str(a.top_p), "--top-k", str(a.top_k), "--overwrite", "--replicas", str(replicas), "--batch-size", str(a.batch_size),
-                    "--num-cpus", str(a.num_cpus)]
+                    "--num-cpus", str(a.num_cpus), "--dtype", a.dtype]
     if a.gpus_per_replica:
         cmd += ["--gpus-per-replica", str(a.gpus_per_replica)]
     run = run_monitored(cmd, work / f"log-ours-{tag}.txt", a.timeout, interval=a.sample_interval)
@@ -318,7 +310,12 @@ def run_ours(a: argparse.Namespace, prompts: Path, work: Path, rows: int, replic
     res.update(status="ok", rows_out=summary["rows_out"], completion_tokens=summary["completion_tokens"],
                prompt_tokens=summary["prompt_tokens"], error_rows=summary["error_rows"],
                job_wall_s=summary["wall_time_s"], steady_tokens_per_s=st["steady_tokens_per_s"],
-               shards=len(files))
+               shards=len(files), dtype=summary.get("dtype"), dtype_reason=summary.get("dtype_reason"))
+    phases = summary.get("phases") or {}
+    if phases.get("engine_ready") is not None and phases.get("last_shard"):
+        # generation measured like raw vLLM's: from the engine being ready to the last output
+        res["generation_s"] = phases["last_shard"] - phases["engine_ready"]
+        res["steady_tokens_per_s"] = summary["completion_tokens"] / res["generation_s"]
     # When did the first shard land, from the subprocess start? (start-up + the first wave)
     res["first_output_s"] = (st["first_output_mtime"] - run.started_at) if files else None
     if res["first_output_s"] is not None and st["steady_tokens_per_s"]:
@@ -342,7 +339,9 @@ def run_worker(a: argparse.Namespace, system: str, prompts: Path, work: Path) ->
            "--max-tokens", str(a.max_tokens), "--temperature", str(a.temperature), "--replicas", str(a.replicas),
            "--top-p", str(a.top_p), "--top-k", str(a.top_k),
            "--batch-size", str(a.batch_size), "--num-cpus", str(a.num_cpus), "--hf-batch-size", str(a.hf_batch_size),
-           "--gpus-per-replica", str(a.gpus_per_replica)]
+           "--gpus-per-replica", str(a.gpus_per_replica), "--ct2-batch-size", str(a.ct2_batch_size), "--dtype", a.dtype]
+    if a.ct2_site:
+        cmd += ["--ct2-site", a.ct2_site]
     if a.hf_rows:
         cmd += ["--hf-rows", str(a.hf_rows)]
     if a.verbose:
@@ -382,13 +381,17 @@ def derive(results: list[dict[str, Any]]) -> None:
         r["others_cpu_share_pct"] = others_share(r)
     raw = next((r for r in results if r["system"] == "raw_vllm" and r.get("status") == "ok"), None)
     tuned = next((r for r in results if r["system"] == "raw_vllm_1proc" and r.get("status") == "ok"), None)
+    defaults = next((r for r in results if r["system"] == "raw_vllm_defaults" and r.get("status") == "ok"), None)
     for r in results:
         if raw and r.get("status") == "ok":
             r["vs_raw_e2e"] = r["tokens_per_s_e2e"] / raw["tokens_per_s_e2e"]
             if r.get("steady_tokens_per_s") and raw.get("steady_tokens_per_s"):
                 r["vs_raw_steady"] = r["steady_tokens_per_s"] / raw["steady_tokens_per_s"]
-        if tuned and r.get("status") == "ok":
-            r["vs_raw_1proc_e2e"] = r["tokens_per_s_e2e"] / tuned["tokens_per_s_e2e"]
+        for key, peer in (("vs_raw_1proc", tuned), ("vs_raw_defaults", defaults)):
+            if peer and r.get("status") == "ok":
+                r[f"{key}_e2e"] = r["tokens_per_s_e2e"] / peer["tokens_per_s_e2e"]
+                if r.get("steady_tokens_per_s") and peer.get("steady_tokens_per_s"):
+                    r[f"{key}_steady"] = r["steady_tokens_per_s"] / peer["steady_tokens_per_s"]
 
 
 def others_share(r: dict[str, Any]) -> Optional[float]:
@@ -403,7 +406,8 @@ def table(results: list[dict[str, Any]], title: str) -> None:
     from _common import fmt, print_table
 
     cols = ["system", "status", "rows", "out tokens", "wall e2e s", "ready s", "gen-only s", "overhead s", "tok/s e2e",
-            "tok/s steady", "x raw e2e", "x raw steady", "x raw-1proc e2e", "driver RSS MiB", "workers RSS MiB", "tree PSS MiB",
+            "tok/s steady", "x raw e2e", "x raw steady", "x raw-1proc e2e", "x raw-1proc steady", "x raw-defaults e2e",
+            "x raw-defaults steady", "driver RSS MiB", "workers RSS MiB", "tree PSS MiB",
             "others' CPU %"]
     rows = []
     for r in results:
@@ -415,7 +419,9 @@ def table(results: list[dict[str, Any]], title: str) -> None:
         ready_s = None if ready is None else (fmt(ready) + (" est" if r.get("ready_measured") is False else ""))
         rows.append([label, r.get("status"), fmt(r.get("rows_out")), fmt(r.get("completion_tokens")), fmt(r.get("wall_s")),
                      ready_s, gen_s, fmt(r.get("overhead_s")), fmt(r.get("tokens_per_s_e2e"), 0), fmt(r.get("steady_tokens_per_s"), 0),
-                     fmt(r.get("vs_raw_e2e"), 2), fmt(r.get("vs_raw_steady"), 2), fmt(r.get("vs_raw_1proc_e2e"), 2), fmt(m.get("peak_driver_rss_mib"), 0),
+                     fmt(r.get("vs_raw_e2e"), 2), fmt(r.get("vs_raw_steady"), 2), fmt(r.get("vs_raw_1proc_e2e"), 2),
+                     fmt(r.get("vs_raw_1proc_steady"), 2), fmt(r.get("vs_raw_defaults_e2e"), 2), fmt(r.get("vs_raw_defaults_steady"), 2),
+                     fmt(m.get("peak_driver_rss_mib"), 0),
                      fmt(m.get("peak_workers_rss_mib"), 0), fmt(m.get("peak_tree_pss_mib"), 0), fmt(others_share(r), 0)])
     print_table(title, cols, rows)
     for r in results:
@@ -467,15 +473,22 @@ def main_compare(a: argparse.Namespace, work: Path) -> None:
         "benchmark": "offline", "model": a.model, "rows": a.rows, "hf_rows": a.hf_rows or a.rows,
         "max_tokens": a.max_tokens, "temperature": a.temperature, "ignore_eos": True, "top_p": a.top_p, "top_k": a.top_k,
         "replicas": a.replicas, "gpus_per_replica": a.gpus_per_replica, "batch_size": a.batch_size, "ray_num_cpus": a.num_cpus,
-        "engine_kwargs": {k: str(v) for k, v in engine_kwargs(a.model).items()},
+        "engine_kwargs": {k: str(v) for k, v in engine_kwargs(a.model, a.dtype).items()},
         "sampling": sampling_kwargs(a.max_tokens, a.temperature, a.top_p, a.top_k), "machine": machine(), "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "foreign_ray_warning": warn_foreign_ray(),
     }
+    if not a.no_bound:
+        meta["matmul_bound"] = bound = measure_bound(a)
+        print(f"matmul bound here ({bound.get('threads')} threads, {bound.get('rows')} rows, "
+              f"{bound.get('gflop_per_token', 0):.3f} GFLOP/token): " + ", ".join(
+                  f"{d} {bound[d]['gflops']:,.0f} GFLOPS = {bound[d]['bound_tokens_per_s']:,.0f} tok/s"
+                  for d in ("float32", "bfloat16") if d in bound), flush=True)
     runs: list[dict[str, Any]] = []
     for rep in range(a.repeat):  # round robin, so contention from other users is spread evenly
         for system in systems:
             idle = wait_idle(a.wait_idle)
-            print(f"[{time.strftime('%H:%M:%S')}] running {system}{f' (round {rep + 1}/{a.repeat})' if a.repeat > 1 else ''}"
+            load_before = [round(x, 2) for x in os.getloadavg()]
+            print(f"[{time.strftime('%H:%M:%S')}] load {load_before[0]:.1f}, running {system}{f' (round {rep + 1}/{a.repeat})' if a.repeat > 1 else ''}"
                   f" - machine CPU {idle['cpu_percent_at_start']}% after waiting {idle['waited_s']}s ...", flush=True)
             if system == "ours":
                 r = run_ours(a, prompts, work, a.rows, a.replicas, "compare")
@@ -483,11 +496,20 @@ def main_compare(a: argparse.Namespace, work: Path) -> None:
             else:
                 r = run_worker(a, system, prompts, work)
             r["round"] = rep + 1
+            r["loadavg_before"] = load_before
             r["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
             r["idle_wait"] = idle
             runs.append(r)
             print(f"[{time.strftime('%H:%M:%S')}]   {system}: {r.get('status')} in {r['wall_s']:.1f}s", flush=True)
-    derive(runs)
+            # every finished run is on disk at once: a long series stopped early keeps its rounds
+            write_json(RESULTS / f"{a.name or 'offline-' + a.model.replace('/', '_')}-partial.json", {"meta": meta, "all_runs": runs})
+    for rep in range(a.repeat):  # ratios within a round: its peers ran beside it, under the same load
+        derive([r for r in runs if r["round"] == rep + 1])
+    title = f"offline, {a.model}: {a.rows} prompts x {a.max_tokens} tokens, {a.replicas} replica(s)"
+    if a.repeat > 1:
+        for r in runs:
+            r["tag"] = f"{SHORT.get(r['system'], r['system'])} r{r['round']} (load {(r.get('loadavg_before') or [0])[0]:.0f})"
+        table(runs, title + ", every round (ratios within the round)")
     # Report the best round per system (the least disturbed by other users of the machine).
     results = []
     for system in systems:
@@ -497,10 +519,23 @@ def main_compare(a: argparse.Namespace, work: Path) -> None:
     derive(results)
     name = a.name or f"offline-{a.model.replace('/', '_')}"
     write_json(RESULTS / f"{name}.json", {"meta": meta, "results": results, "all_runs": runs if a.repeat > 1 else []})
-    title = f"offline, {a.model}: {a.rows} prompts x {a.max_tokens} tokens, {a.replicas} replica(s)"
     chart(results, RESULTS / f"{name}.png", title)
     table(results, title)
     print(f"wrote {RESULTS / (name + '.json')} and {RESULTS / (name + '.png')}")
+
+
+def measure_bound(a: argparse.Namespace) -> dict[str, Any]:
+    """The matmul bound of this machine at the model's shapes, in a subprocess of its own."""
+    import subprocess
+
+    from pipeline.models import resolve_model
+
+    cfg = json.loads((resolve_model(a.model) / "config.json").read_text())
+    code = (f"import json, peers; print(json.dumps(peers.matmul_bound({cfg['n_embd']}, {cfg['n_layer']}, "
+            f"{cfg['vocab_size']}, {min(a.rows, 256)})))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=str(Path(__file__).resolve().parent))
+    return json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 else {"error": run.stderr[-500:]}
 
 
 def main_scaling(a: argparse.Namespace, work: Path) -> None:
@@ -515,7 +550,7 @@ def main_scaling(a: argparse.Namespace, work: Path) -> None:
         "benchmark": "offline-scaling", "model": a.model, "max_tokens": a.max_tokens, "temperature": a.temperature,
         "batch_size": a.batch_size, "ray_num_cpus": a.num_cpus, "plan": plan, "machine": machine(),
         "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "engine_kwargs": {k: str(v) for k, v in engine_kwargs(a.model).items()}, "foreign_ray_warning": warn_foreign_ray(),
+        "engine_kwargs": {k: str(v) for k, v in engine_kwargs(a.model, a.dtype).items()}, "foreign_ray_warning": warn_foreign_ray(),
     }
     results = []
     for rows, replicas in plan:
@@ -557,6 +592,10 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"Comma list, run in this order: {','.join(SYSTEMS)}.")
     p.add_argument("--hf-rows", type=int, default=None, help="HF transformers: only the first N prompts (it is slow).")
     p.add_argument("--hf-batch-size", type=int, default=16, help="HF transformers: prompts per generate() call.")
+    p.add_argument("--ct2-site", default=None, help="CTranslate2 peers: folder it is installed in (pip install --target DIR --no-deps ctranslate2).")
+    p.add_argument("--ct2-batch-size", type=int, default=64, help="CTranslate2: prompts per batch.")
+    p.add_argument("--dtype", default="auto", help="Ours and raw vLLM with our settings: this dtype (auto: what ours picks here).")
+    p.add_argument("--no-bound", action="store_true", help="Skip measuring the matmul bound.")
     p.add_argument("--seed", type=int, default=0, help="Prompt-set seed.")
     p.add_argument("--repeat", type=int, default=1, help="Rounds (round robin over systems); the best round per system is reported.")
     p.add_argument("--timeout", type=float, default=1800, help="Seconds allowed per system run.")

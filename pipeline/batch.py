@@ -154,6 +154,7 @@ def run_job(
     # A fresh job's inline engine comes up while the input is read; a resumed one only if rows remain.
     runner = _start_inline(job, spec, clock, batch_urls) if executor == Executor.inline and not job.resume else None
     compactor = compact.Compactor(fs, folder, job.target_file_mb * 1024 * 1024, job.max_rows_per_file)
+    precision: dict[str, str] = {}  # the dtype the engines ran in, and why (from the blocks)
     try:
         done = io.committed_ids(fs, folder, job.id_column) if job.resume else None
         skipped = 0 if done is None else len(done)
@@ -183,7 +184,7 @@ def run_job(
             from pipeline import ray_executor
 
             stream = ray_executor.stream(job, spec, plan, slices, write, verbose, clock, batch_urls)
-        status, message, totals = _consume(stream, job, plan, progress, clock, compactor)
+        status, message, totals = _consume(stream, job, plan, progress, clock, compactor, precision)
     finally:
         if runner is not None:
             runner.close()
@@ -196,6 +197,7 @@ def run_job(
     produced = totals["completion_tokens"] if job.task == Task.generate else totals["prompt_tokens"]
     summary.tokens_per_s = round(produced / summary.wall_time_s, 1) if summary.wall_time_s > 0 else 0.0
     summary.executor, summary.phases, summary.versions = executor.value, clock.phases(), versions()
+    summary.dtype, summary.dtype_reason = precision.get("dtype", ""), precision.get("dtype_reason", "")
     io.write_json(fs, folder, io.SUMMARY_FILE, summary.to_dict())
     if summary.status == "succeeded" and job.writes_openai_batch:
         from pipeline.openai_batch import write_results
@@ -268,9 +270,9 @@ def _start_inline(job: JobConfig, spec: RowSpec, clock: _Clock, batch_urls: Opti
 
 def _consume(stream: Iterator[dict], job: JobConfig, plan: io.InputPlan,
              progress: Optional[Callable[[dict[str, int]], None]], clock: _Clock,
-             compactor: compact.Compactor) -> tuple[str, str, dict[str, int]]:
-    """Add up the shards' stats as they commit, compact them into output files; stop on Ctrl-C
-    or past the error-rate bound."""
+             compactor: compact.Compactor, precision: dict[str, str]) -> tuple[str, str, dict[str, int]]:
+    """Add up the shards' stats as they commit, compact them into output files (``precision``:
+    filled with the engines' dtype and why); stop on Ctrl-C or past the error-rate bound."""
     totals = {"rows": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "inputs": 0, "shards": 0}
     status, message = "succeeded", ""
     try:
@@ -281,6 +283,8 @@ def _consume(stream: Iterator[dict], job: JobConfig, plan: io.InputPlan,
             compactor.add(stats["shard"])
             clock.marks.setdefault("first_shard", round(time.monotonic() - clock.start, 3))
             clock.mark("last_shard")
+            if stats.get("dtype"):
+                precision.update(dtype=stats["dtype"], dtype_reason=stats.get("dtype_reason", ""))
             if stats.get("engine_ready"):
                 ready = round(stats["engine_ready"] - clock.start_unix, 3)
                 clock.marks["engine_ready"] = min(ready, clock.marks.get("engine_ready", ready))

@@ -153,7 +153,7 @@ class EngineConfig(_Strict):
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit); the driver pins it to a commit before any replica starts.")
     offline: bool = Field(False, description="Never download: hub ids must already be in the HF cache (like HF_HUB_OFFLINE=1).")
     served_model_name: Optional[str] = Field(None, description="Name reported by the API (default: model).")
-    dtype: Dtype = Field(Dtype.auto, description="auto: float32 on CPU (exact HF parity), model dtype on GPU.")
+    dtype: Dtype = Field(Dtype.auto, description="auto: the fastest precision the hardware runs well: bfloat16 on CPUs with AMX/AVX512-BF16 (float32 without, or for tiny models), half precision on GPUs, float32 for score; float32 gives tokens equal to HF's.")
     max_model_len: Optional[int] = Field(None, ge=16, description="Context length (default: the model's).")
     max_num_seqs: int = Field(256, ge=1, description="Sequences the paged-attention scheduler runs at once.")
     stream_interval: int = Field(1, ge=1, le=64, description="Streaming: tokens per chunk after the first (vLLM stream_interval); larger cuts per-chunk overhead.")

@@ -41,6 +41,14 @@ def probe_torch() -> dict[str, Any]:
     return info
 
 
+def probe_precision() -> dict[str, Any]:
+    """What ``dtype: auto`` runs each built-in model in on this machine, and why."""
+    from pipeline.engine import auto_dtypes
+    from pipeline.models import BUILTIN_MODELS
+
+    return auto_dtypes({name: spec.n_embd for name, spec in BUILTIN_MODELS.items()})
+
+
 def probe_gpus() -> dict[str, Any]:
     """GPUs by torch.cuda, else by nvidia-smi; an empty list says why in ``reason``."""
     reasons = []
@@ -166,6 +174,7 @@ def report(address: Optional[str] = None, timeout: float = 10.0) -> dict[str, An
         "packages": _safe(versions),
         "platform": _safe(probe_platform),
         "torch": _safe(probe_torch),
+        "precision": _safe(probe_precision),
         "gpus": _safe(probe_gpus),
         "ray": _safe(probe_ray, address, timeout),
         "models": _safe(probe_models),

@@ -34,7 +34,7 @@ _DONE = object()
 _loop: Optional[asyncio.AbstractEventLoop] = None
 _loop_thread: Optional[threading.Thread] = None
 _loop_lock = threading.Lock()
-_warm: "OrderedDict[tuple[str, str], Any]" = OrderedDict()
+_warm: "OrderedDict[tuple[str, str, str], Any]" = OrderedDict()
 
 
 def background_loop() -> asyncio.AbstractEventLoop:
@@ -52,10 +52,11 @@ def warm_engine(config: Any, task: Any) -> Any:
     """An engine for these settings: the warm one if there is one, else a new one (call on the
     background loop). Builds outside the cache's limit shut the least recently used one down."""
     from pipeline.config import Task
-    from pipeline.engine import Engine
+    from pipeline.engine import Engine, resolve_dtype
 
-    task = Task.embed if Task(task) == Task.embed else Task.generate  # scoring runs on a generation engine
-    key = (config.model_dump_json(), task.value)
+    # scoring runs on a generation engine, shared when both resolve to the same dtype
+    kind = Task.embed if Task(task) == Task.embed else Task.generate
+    key = (config.model_dump_json(), kind.value, resolve_dtype(config, task).dtype)
     if key in _warm:
         _warm.move_to_end(key)
         return _warm[key]

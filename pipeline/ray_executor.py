@@ -37,7 +37,7 @@ class EngineActor:
         from pipeline.engine import PRIORITY_BATCH
 
         out = await process_batch(self.engine, batch, self.spec, PRIORITY_BATCH)
-        return out.replace_schema_metadata(self.ready)
+        return out.replace_schema_metadata({**(out.schema.metadata or {}), **self.ready})
 
 
 class ServeClient:

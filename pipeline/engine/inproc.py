@@ -47,20 +47,24 @@ class InprocLLM:
     """``LLMEngine`` in this process, driven by a thread; async per-request streams."""
 
     def __init__(self, args: Any):
-        from vllm.v1.engine.llm_engine import LLMEngine
-
-        self._engine = LLMEngine.from_engine_args(args)
-        self.model_config = self._engine.model_config
-        # the caller encodes while the engine thread detokenizes: each gets its own tokenizer
-        self._tokenizer = copy.deepcopy(self._engine.get_tokenizer())
+        self._engine: Any = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # closing vs. sending: nothing lands in a dead inbox
         self._closed = False
         self._error: Optional[str] = None
         self._streams: dict[str, Put] = {}  # owned by the engine thread
-        self._thread = threading.Thread(target=self._run, name="vllm-engine-core", daemon=True)
+        built = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._own, args=(args, built, failure), name="vllm-engine-core",
+                                        daemon=True)
         self._thread.start()
+        built.wait()
+        if failure:
+            raise failure[0]
+        self.model_config = self._engine.model_config
+        # the caller encodes while the engine thread detokenizes: each gets its own tokenizer
+        self._tokenizer = copy.deepcopy(self._engine.get_tokenizer())
 
     # ---- AsyncLLM's interface ------------------------------------------------------------
     def get_tokenizer(self) -> Any:
@@ -126,6 +130,20 @@ class InprocLLM:
                 return
         if not quiet:
             raise self._dead()
+
+    def _own(self, args: Any, built: threading.Event, failure: list[BaseException]) -> None:
+        """The engine thread builds the engine it steps: the model's OpenMP thread team is this
+        thread's from the first forward pass (profiling, warm-up) on, as in raw vLLM's one thread."""
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        try:
+            self._engine = LLMEngine.from_engine_args(args)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller
+            failure.append(exc)
+            return
+        finally:
+            built.set()
+        self._run()
 
     def _run(self) -> None:
         try:

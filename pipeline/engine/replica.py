@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from pipeline.config import EngineConfig, SamplingConfig, Task
 from pipeline.engine.args import engine_args, model_in_engine_core, one_cpu_worker
+from pipeline.engine.precision import resolve_dtype
 from pipeline.outputs import (
     PRIORITY_ONLINE, Completion, EngineFatalError, PromptError, Sample, Scored, TokenLogprob, score_windows,
 )
@@ -42,6 +43,9 @@ class Engine:
     HTTP work and the engine's steps do not share one GIL. One engine per process at most: a
     second one (the pooling engine of a mixed Batch file) gets ``AsyncLLM``. Ignored on GPUs,
     whose engine core overlaps scheduling with the GPU's work in a process of its own.
+
+    ``precision``: the dtype it runs in and why (``precision.resolve_dtype``; ``score`` engines
+    may differ from ``generate`` ones under ``dtype: auto``).
     """
 
     def __init__(self, config: EngineConfig, task: Task = Task.generate, priority_scheduling: bool = False,
@@ -49,8 +53,13 @@ class Engine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self.config = config
         self.task = Task(task)
-        args = engine_args(config, self.task, priority_scheduling, colocated)
+        self.precision = resolve_dtype(config, self.task)
+        args = engine_args(config, self.task, priority_scheduling, colocated, precision=self.precision)
         self.in_process = in_process and one_cpu_worker(args) and _IN_PROCESS.acquire(blocking=False)
+        if self.in_process:
+            from pipeline.engine.cpu_ops import use_fused_gelu
+
+            use_fused_gelu()  # before the model is built: its layers pick their forward then
         try:
             with model_in_engine_core(args):
                 if self.in_process:

@@ -162,6 +162,8 @@ def run_job(
             job = job.model_copy(update={"engine": pinned(job.engine)})
         except ModelNotFoundError as exc:
             raise ConfigError(str(exc)) from None
+        if job.task == Task.generate.value:
+            _check_sampling(job)
     fs, folder = io.prepare_output(job.output, job.overwrite, job.resume)
     fingerprint = {**job.fingerprint(), "input": plan.fingerprint}
     if job.resume:
@@ -342,6 +344,18 @@ def _verify(fs: Any, folder: str, job: JobConfig, plan: io.InputPlan, status: st
     if summary.status != "succeeded" and not summary.message.endswith("resume"):
         summary.message += f"; rerun with --resume to finish the remaining {summary.missing} rows"
     return summary
+
+
+def _check_sampling(job: JobConfig) -> None:
+    """The job's sampling values as vLLM's engine would check them (token ids against the
+    vocabulary, the structured-output constraint compiled), before any engine starts."""
+    from pipeline.engine.decoding import check_job_sampling
+    from pipeline.models import resolve_model
+
+    try:
+        check_job_sampling(job.sampling, resolve_model(job.engine.model, job.engine.revision, job.engine.offline))
+    except ValueError as exc:
+        raise ConfigError(f"sampling: {exc}") from None
 
 
 def _embedding_dim(job: JobConfig) -> int:

@@ -9,11 +9,11 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.cli.common import (
-    BatchSize, Input, NumCpus, Output, Overwrite, Passthrough, ViaServe,
-    Address, DedupeOpt, DtypeOpt, GpusPerReplica, IgnoreEos, InputFormatOpt, Logprobs, MaxModelLen, MaxTokens,
+    BatchSize, Choice, Grammar, Input, JsonSchema, MinP, NoRepeatNgram, NumBeams, NumCpus, Output, Overwrite,
+    Passthrough, Regex, ViaServe, Address, DedupeOpt, DtypeOpt, GpusPerReplica, IgnoreEos, InputFormatOpt, Logprobs, MaxModelLen, MaxTokens,
     MinTokens, Model, N, Offline, OutputFormatOpt, Replicas, RepetitionPenalty, ScoreFirstToken, Seed, Spec, Stop,
     Stride, Temperature, TensorParallel, TokenLogprobs, TopK, TopP, Verbose, _engine_flags, _fail, _load,
-    _sampling_flags, _score_flags, out, quiet_vllm, run_job_cli,
+    _decoding_flags, _sampling_flags, _score_flags, out, quiet_vllm, run_job_cli,
 )
 from pipeline.config import ConfigError, Executor, JobConfig, Task
 
@@ -36,6 +36,8 @@ def run(
     max_tokens: MaxTokens = None, min_tokens: MinTokens = None, temperature: Temperature = None,
     top_p: TopP = None, top_k: TopK = None, seed: Seed = None, stop: Stop = None, n: N = None,
     repetition_penalty: RepetitionPenalty = None, ignore_eos: IgnoreEos = None, logprobs: Logprobs = None,
+    min_p: MinP = None, no_repeat_ngram_size: NoRepeatNgram = None, num_beams: NumBeams = None,
+    choice: Choice = None, regex: Regex = None, json_schema: JsonSchema = None, grammar: Grammar = None,
     stride: Stride = None, score_first_token: ScoreFirstToken = None, token_logprobs: TokenLogprobs = None,
     truncate: Annotated[Optional[bool], typer.Option("--truncate/--no-truncate", help="Left-truncate prompts over the context instead of error rows.")] = None,
     overwrite: Overwrite = None,
@@ -63,7 +65,7 @@ def run(
             max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, stop=stop, n=n, repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
             logprobs=logprobs,
-        ),
+        ) | _decoding_flags(min_p, no_repeat_ngram_size, num_beams, choice, regex, json_schema, grammar),
         "score": _score_flags(stride, score_first_token, token_logprobs),
     }
     run_job_cli(_load(JobConfig, spec, overrides), verbose)
@@ -137,6 +139,8 @@ def generate(
     max_tokens: MaxTokens = 32, min_tokens: MinTokens = None, temperature: Temperature = None,
     top_p: TopP = None, top_k: TopK = None, seed: Seed = None, stop: Stop = None, n: N = None,
     repetition_penalty: RepetitionPenalty = None, ignore_eos: IgnoreEos = None,
+    min_p: MinP = None, no_repeat_ngram_size: NoRepeatNgram = None, num_beams: NumBeams = None,
+    choice: Choice = None, regex: Regex = None, json_schema: JsonSchema = None, grammar: Grammar = None,
     dtype: DtypeOpt = None, max_model_len: MaxModelLen = None, offline: Offline = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print samples as JSON.")] = False,
     verbose: Verbose = False,
@@ -149,7 +153,7 @@ def generate(
     sampling = _load(SamplingConfig, None, _sampling_flags(
         max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed, stop=stop, n=n, repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
-    ))
+    ) | _decoding_flags(min_p, no_repeat_ngram_size, num_beams, choice, regex, json_schema, grammar))
     from pipeline.engine import complete_once
 
     try:

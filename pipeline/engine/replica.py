@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from pipeline.config import EngineConfig, SamplingConfig, Task
 from pipeline.engine.args import engine_args, model_in_engine_core, one_cpu_worker
-from pipeline.engine.decoding import beam_search, best_of, check_sampling, sampling_params
+from pipeline.engine.decoding import beam_search, best_of, check_job_sampling, check_sampling, sampling_params
 from pipeline.outputs import (
     PRIORITY_ONLINE, Completion, EngineFatalError, PromptError, Sample, Scored, TokenLogprob, score_windows,
 )
@@ -275,15 +275,16 @@ class Engine:
         """One position's chosen token and its top-k alternatives (token text -> logprob)."""
         chosen = entry.get(tok)
         top = {(lp.decoded_token or ""): lp.logprob for lp in entry.values() if lp.rank <= max(k, 1)}
+        ranked = {i: (lp.logprob, lp.rank, lp.decoded_token or "") for i, lp in entry.items()}
         if chosen is None:
-            return TokenLogprob("", float("-inf"), top)
-        return TokenLogprob(chosen.decoded_token or "", chosen.logprob, top)
+            return TokenLogprob("", float("-inf"), top, ranked)
+        return TokenLogprob(chosen.decoded_token or "", chosen.logprob, top, ranked)
 
     def _sample(self, out: Any, logprobs: Optional[int]) -> Sample:
         lps = None
         if logprobs is not None and out.logprobs is not None:
             lps = [self._token_logprob(tok, entry, logprobs) for tok, entry in zip(out.token_ids, out.logprobs)]
-        return Sample(out.index, out.text, list(out.token_ids), out.finish_reason, lps)
+        return Sample(out.index, out.text, list(out.token_ids), out.finish_reason, lps, out.stop_reason)
 
     # ---- feature extraction --------------------------------------------------------------
     async def embed(self, prompt_ids: list[int], *, normalize: bool = True, priority: int = PRIORITY_ONLINE) -> list[float]:
@@ -337,10 +338,14 @@ class Engine:
 def complete_once(config: EngineConfig, prompt: Any, sampling: SamplingConfig) -> Completion:
     """One completion in-process (no Ray): for ``gpt2-pipeline generate`` and quick checks."""
 
+    from pipeline.models import resolve_model
+
+    check_job_sampling(sampling, resolve_model(config.model, config.revision, config.offline))  # before the engine
+
     async def main() -> Completion:
         engine = Engine(config, in_process=True)
         try:
-            ids = engine.encode(prompt, sampling.max_tokens)
+            ids = engine.encode(prompt, sampling.max_tokens, sampling=sampling)
             return await engine.complete(ids, sampling)
         finally:
             engine.shutdown()

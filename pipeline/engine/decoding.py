@@ -38,7 +38,12 @@ def check_sampling(sampling: SamplingConfig, tokenizer: Any, vocab_size: int) ->
     from vllm.config import StructuredOutputsConfig
     from vllm.exceptions import VLLMClientError
 
+    from vllm.sampling_params import BeamSearchParams
+
     try:
+        if sampling.use_beam_search:  # beam search builds its own one-token requests
+            BeamSearchParams(beam_width=sampling.n, max_tokens=sampling.max_tokens)
+            return
         params = sampling_params(sampling)
         model = SimpleNamespace(get_vocab_size=lambda: vocab_size, is_diffusion=False)
         params._validate_logit_bias(model)

@@ -274,7 +274,8 @@ class Engine:
     def _token_logprob(tok: int, entry: Any, k: int) -> TokenLogprob:
         """One position's chosen token and its top-k alternatives (token text -> logprob)."""
         chosen = entry.get(tok)
-        top = {(lp.decoded_token or ""): lp.logprob for lp in entry.values() if lp.rank <= max(k, 1)}
+        # vLLM's (and OpenAI's) top: the position's first k + 1 entries (the chosen token, then the top k)
+        top = {(lp.decoded_token or ""): lp.logprob for _, lp in zip(range(k + 1), entry.values())}
         ranked = {i: (lp.logprob, lp.rank, lp.decoded_token or "") for i, lp in entry.items()}
         if chosen is None:
             return TokenLogprob("", float("-inf"), top, ranked)

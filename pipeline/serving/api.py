@@ -26,6 +26,9 @@ from pipeline.serving.protocol import (
 )
 
 
+MIN_LOGPROB = -9999.0  # what -inf (a token a constraint or ban excludes) is sent as, as vLLM does (JSON has no -inf)
+
+
 @dataclass
 class Prepared:
     """A validated completion request: sampling and (text, token ids) per prompt."""
@@ -79,7 +82,7 @@ def prepare(engine: Engine, req: CompletionRequest, max_prompts: int) -> Prepare
 
 def _prompt_entries(entries: list[Optional[TokenLogprob]]) -> list[Optional[dict[int, PromptLogprob]]]:
     """vLLM's ``prompt_logprobs``: per prompt position its tokens' logprob, rank and text."""
-    return [None if e is None else {i: PromptLogprob(logprob=lp, rank=rank, decoded_token=tok)
+    return [None if e is None else {i: PromptLogprob(logprob=max(lp, MIN_LOGPROB), rank=rank, decoded_token=tok)
                                     for i, (lp, rank, tok) in e.ranked.items()} for e in entries]
 
 
@@ -88,8 +91,8 @@ def _extend(lp: CompletionLogprobs, entries: Any, offset: int) -> CompletionLogp
     for t in entries:
         lp.text_offset.append(offset)
         lp.tokens.append(t.token)
-        lp.token_logprobs.append(t.logprob)
-        lp.top_logprobs.append(t.top)
+        lp.token_logprobs.append(max(t.logprob, MIN_LOGPROB))
+        lp.top_logprobs.append({k: max(v, MIN_LOGPROB) for k, v in t.top.items()})
         offset += len(t.token)
     return lp
 

@@ -125,7 +125,7 @@ async def complete(engine: Engine, req: CompletionRequest, job: Prepared, model:
         head = text if req.echo else ""
         prompt_lp = _prompt_logprobs(text, completion.prompt_logprobs, engine.tokenizer, ids[0]) if score_prompt else None
         extra = {"prompt_token_ids": ids} if req.return_token_ids else {}
-        if req.prompt_logprobs is not None:
+        if asked is not None:  # vLLM answers them for echo with logprobs too
             extra["prompt_logprobs"] = _prompt_entries(completion.prompt_logprobs)
         for s in completion.samples:
             if req.max_tokens == 0:

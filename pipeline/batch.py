@@ -130,6 +130,8 @@ def run_job(
             job = job.model_copy(update={"engine": pinned(job.engine)})
         except ModelNotFoundError as exc:
             raise ConfigError(str(exc)) from None
+        if job.task == Task.generate.value:
+            _check_sampling(job)
     fingerprint = {**job.fingerprint(), "input": plan.fingerprint}
     if job.resume and (finished := _finished(job, fingerprint)) is not None:
         return finished
@@ -304,6 +306,18 @@ def _consume(stream: Iterator[dict], job: JobConfig, plan: io.InputPlan,
         logger.exception("job failed")
         status, message = "failed", f"{type(exc).__name__}: {exc}"
     return status, message, totals
+
+
+def _check_sampling(job: JobConfig) -> None:
+    """The job's sampling values as vLLM's engine would check them (token ids against the
+    vocabulary, the structured-output constraint compiled), before any engine starts."""
+    from pipeline.engine.decoding import check_job_sampling
+    from pipeline.models import resolve_model
+
+    try:
+        check_job_sampling(job.sampling, resolve_model(job.engine.model, job.engine.revision, job.engine.offline))
+    except ValueError as exc:
+        raise ConfigError(f"sampling: {exc}") from None
 
 
 def _embedding_dim(job: JobConfig) -> int:

@@ -11,21 +11,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from pipeline.sampling import ROW_OVERRIDE_FIELDS, SamplingConfig, StructuredOutputs, _Strict
 
 __all__ = [
     "ConfigError", "Dedupe", "Dtype", "EngineConfig", "Executor", "InputFormat", "JobConfig", "OutputFormat",
-    "SamplingConfig", "ScoreConfig", "ServeConfig", "Task",
+    "SamplingConfig", "ScoreConfig", "ServeConfig", "StructuredOutputs", "Task",
     "ROW_OVERRIDE_FIELDS", "load_spec", "format_validation_error",
 ]
 
 
 class ConfigError(ValueError):
     """A user-facing configuration problem (one clear line, no traceback)."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
 
 
 class Task(str, Enum):
@@ -80,56 +78,6 @@ class Dtype(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
-
-
-class SamplingConfig(_Strict):
-    """Everything the HF text-generation pipeline offers, expressed as vLLM sampling parameters.
-
-    ``temperature=0`` is greedy decoding. Defaults follow OpenAI/vLLM (temperature 1, top_p 1).
-    """
-
-    max_tokens: int = Field(64, ge=1, le=1_000_000, description="Most tokens to generate per sample.")
-    min_tokens: int = Field(0, ge=0, description="Fewest tokens before EOS or a stop string may end a sample.")
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens; 0 disables.")
-    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Per-request seed: same seed, same samples.")
-    stop: list[str] = Field(default_factory=list, max_length=16, description="Stop strings (not included).")
-    n: int = Field(1, ge=1, le=64, description="Samples per prompt; one output row per sample.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="HF-style repetition penalty.")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks: equal work).")
-    logprobs: Optional[int] = Field(None, ge=0, le=20, description="Top-k log-probabilities per token.")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_list(cls, value: Any) -> Any:
-        if value is None:
-            return []
-        return [value] if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _min_le_max(self) -> "SamplingConfig":
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        return self
-
-    def to_sampling_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``vllm.SamplingParams`` (the engine module builds the object)."""
-        kwargs = self.model_dump(exclude={"stop", "logprobs"})
-        kwargs["stop"] = list(self.stop) or None
-        kwargs["logprobs"] = self.logprobs
-        return kwargs
-
-    def with_overrides(self, overrides: dict[str, Any]) -> "SamplingConfig":
-        """A copy with per-row or per-request values applied (validated like the originals)."""
-        clean = {k: v for k, v in overrides.items() if v is not None}
-        return self if not clean else SamplingConfig.model_validate({**self.model_dump(), **clean})
-
-
-# Optional input columns that override the job's sampling for their row.
-ROW_OVERRIDE_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")
 
 
 class ScoreConfig(_Strict):

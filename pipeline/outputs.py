@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 # Priorities for vLLM's priority scheduler: lower runs first.
 PRIORITY_ONLINE = 0
@@ -33,6 +33,8 @@ class TokenLogprob:
     token: str
     logprob: float
     top: dict[str, float] = field(default_factory=dict)
+    # vLLM's entries of this position by token id: (logprob, rank, decoded token)
+    ranked: dict[int, tuple[float, Optional[int], str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Sample:
     token_ids: list[int]
     finish_reason: Optional[str] = None
     logprobs: Optional[list[TokenLogprob]] = None
+    stop_reason: Optional[Union[int, str]] = None  # the stop string or token id that ended it
 
 
 @dataclass

@@ -111,7 +111,7 @@ async def process_batch(
             if spec.task == Task.score:
                 return [await _score_row(engine, prompt, base, spec, priority, limit)]
             sampling = spec.sampling.with_overrides({c: row.get(c) for c in overrides})
-            ids = engine.encode(prompt, sampling.max_tokens, truncate=spec.truncate)
+            ids = engine.encode(prompt, sampling.max_tokens, truncate=spec.truncate, sampling=sampling)
             async with limit or contextlib.nullcontext():
                 if spec.task == Task.embed:
                     vec = await engine.embed(ids, normalize=spec.normalize, priority=priority)

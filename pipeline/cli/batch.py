@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 from pipeline.cli.common import (
-    DtypeOpt, IgnoreEos, MaxModelLen, MaxTokens, MinTokens, Model, N, Offline, RepetitionPenalty, Seed, Spec, Stop,
-    Temperature, TopK, TopP, Verbose, _engine_flags, _fail, _load, _sampling_flags, out, quiet_vllm, run_job_cli,
+    Choice, DtypeOpt, Grammar, IgnoreEos, JsonSchema, MaxModelLen, MaxTokens, MinP, MinTokens, Model, N, NoRepeatNgram,
+    NumBeams, Offline, Regex, RepetitionPenalty, Seed, Spec, Stop, Temperature, TopK, TopP, Verbose, _decoding_flags,
+    _engine_flags, _fail, _load, _sampling_flags, out, quiet_vllm, run_job_cli,
 )
 from pipeline.cli.jobflags import EMBED_FLAGS, SCORE_FLAGS, job_command, job_overrides
 from pipeline.config import ConfigError, JobConfig, Task
@@ -47,6 +48,8 @@ def generate(
     max_tokens: MaxTokens = 32, min_tokens: MinTokens = None, temperature: Temperature = None,
     top_p: TopP = None, top_k: TopK = None, seed: Seed = None, stop: Stop = None, n: N = None,
     repetition_penalty: RepetitionPenalty = None, ignore_eos: IgnoreEos = None,
+    min_p: MinP = None, no_repeat_ngram_size: NoRepeatNgram = None, num_beams: NumBeams = None,
+    choice: Choice = None, regex: Regex = None, json_schema: JsonSchema = None, grammar: Grammar = None,
     dtype: DtypeOpt = None, max_model_len: MaxModelLen = None, offline: Offline = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print samples as JSON.")] = False,
     verbose: Verbose = False,
@@ -59,7 +62,7 @@ def generate(
     sampling = _load(SamplingConfig, None, _sampling_flags(
         max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed, stop=stop, n=n, repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
-    ))
+    ) | _decoding_flags(min_p, no_repeat_ngram_size, num_beams, choice, regex, json_schema, grammar))
     from pipeline.engine import complete_once
 
     try:

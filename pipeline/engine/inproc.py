@@ -70,6 +70,10 @@ class InprocLLM:
     def get_tokenizer(self) -> Any:
         return self._tokenizer
 
+    @property
+    def input_processor(self) -> Any:
+        return self._engine.input_processor
+
     def get_num_unfinished_requests(self) -> int:
         return self._engine.get_num_unfinished_requests() if self._engine is not None else 0
 

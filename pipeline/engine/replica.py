@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from pipeline.config import EngineConfig, SamplingConfig, Task
 from pipeline.engine.args import engine_args, model_in_engine_core, one_cpu_worker
+from pipeline.engine.decoding import beam_search, best_of, check_job_sampling, check_sampling, sampling_params
 from pipeline.engine.precision import resolve_dtype
 from pipeline.outputs import (
     PRIORITY_ONLINE, Completion, EngineFatalError, PromptError, Sample, Scored, TokenLogprob, score_windows,
@@ -83,12 +84,13 @@ class Engine:
 
     # ---- prompts -------------------------------------------------------------------------
     def encode(self, prompt: Any, max_tokens: int = 1, truncate: Optional[bool] = None,
-               check_length: bool = True) -> list[int]:
+               check_length: bool = True, sampling: Optional[SamplingConfig] = None) -> list[int]:
         """Token ids for a text (or a list of token ids), checked against the context.
 
         A prompt needs room for at least one new token; with ``truncate`` it is left-truncated
         to leave room for ``max_tokens`` instead of failing. ``check_length=False`` (scoring,
-        which slides a window over long texts) skips the context check.
+        which slides a window over long texts) skips the context check. ``sampling``'s
+        ``truncate_prompt_tokens`` / ``truncation_side`` cut the prompt first, as vLLM does.
         """
         if prompt is None:
             raise PromptError("null_prompt", "prompt is null")
@@ -108,6 +110,8 @@ class Engine:
             ids = list(prompt)
         else:
             raise PromptError("invalid_prompt", f"prompt must be a string, got {type(prompt).__name__}")
+        if sampling is not None and sampling.truncate_prompt_tokens is not None:
+            ids = self._truncate_prompt(ids, sampling.truncate_prompt_tokens, sampling.truncation_side)
         limit = self.context_length - 1
         if check_length and len(ids) > limit:
             do_truncate = self.config.truncate if truncate is None else truncate
@@ -121,6 +125,25 @@ class Engine:
             keep = max(1, min(limit, self.context_length - max_tokens))
             ids = ids[-keep:]
         return ids
+
+    def check(self, sampling: SamplingConfig) -> None:
+        """Raise ``ValueError`` (vLLM's message) for values this engine would refuse: token ids
+        outside the vocabulary, a schema / regex / grammar that does not compile."""
+        check_sampling(sampling, self.tokenizer, self.vocab_size)
+
+    def _truncate_prompt(self, ids: list[int], keep: int, side: Optional[str]) -> list[int]:
+        """vLLM's ``truncate_prompt_tokens``: at most ``keep`` tokens (-1: the context less one),
+        from the end with side ``left`` (vLLM's tokenizer default), from the start with ``right``."""
+        if keep > self.context_length:
+            raise PromptError("invalid_truncation", f"truncate_prompt_tokens={keep} cannot be greater than "
+                              f"max_model_len = {self.context_length}. Please request a smaller truncation size.")
+        keep = self.context_length - 1 if keep < 0 else keep
+        if keep >= len(ids):
+            return ids
+        if keep == 0:
+            raise PromptError("empty_prompt", "truncate_prompt_tokens=0 leaves no prompt tokens")
+        side = side or getattr(self.tokenizer, "truncation_side", "left")
+        return ids[-keep:] if side == "left" else ids[:keep]
 
     def _semaphore(self) -> asyncio.Semaphore:
         if self._slots is None:
@@ -141,11 +164,14 @@ class Engine:
 
         Cancelling the consumer aborts the request inside vLLM, freeing its KV-cache slot.
         """
-        from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        if stream and sampling.use_beam_search:
+            raise ValueError("Streaming is not currently supported with beam search")
+        if stream and (sampling.best_of or 1) > sampling.n:
+            raise ValueError("best_of greater than n cannot be streamed (the best samples are known at the end)")
         kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-        params = SamplingParams(**sampling.to_sampling_kwargs(), output_kind=kind)
+        params = sampling_params(sampling, output_kind=kind)
         async with aclosing(self._outputs(prompt_ids, params, request_id, priority)) as outputs:
             async for out in outputs:
                 yield [self._sample(o, sampling.logprobs) for o in out.outputs]
@@ -153,6 +179,7 @@ class Engine:
     async def _outputs(self, prompt_ids: list[int], params: Any, request_id: Optional[str], priority: int
                        ) -> AsyncIterator[Any]:
         """vLLM's RequestOutputs for one request, inside the in-flight bound."""
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -168,6 +195,8 @@ class Engine:
                         yield out
             except EngineDeadError as exc:
                 raise EngineFatalError(f"vLLM engine died: {exc}") from exc
+            except VLLMClientError as exc:  # the request's values (a 400 / an error row)
+                raise ValueError(str(exc)) from None
             finally:
                 self.in_flight -= 1
 
@@ -179,20 +208,39 @@ class Engine:
 
         ``prompt_logprobs=k``: also each prompt token's log-probability and the top k (echo).
         """
-        from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(**sampling.to_sampling_kwargs(), prompt_logprobs=prompt_logprobs,
-                                output_kind=RequestOutputKind.FINAL_ONLY)
+        if sampling.use_beam_search:
+            return await self._beam_search(prompt_ids, sampling, priority)
+        params = sampling_params(sampling, prompt_logprobs=prompt_logprobs, output_kind=RequestOutputKind.FINAL_ONLY)
         samples: dict[int, Sample] = {}
         prompt_lps = None
         async for out in self._outputs(prompt_ids, params, None, priority):
-            for o in out.outputs:
+            outputs = out.outputs
+            if (sampling.best_of or 1) > sampling.n and out.finished:
+                outputs = best_of(list(outputs), sampling.n)
+            for o in outputs:
                 samples[o.index] = self._sample(o, sampling.logprobs)
             if prompt_logprobs is not None and out.prompt_logprobs is not None:
                 prompt_lps = [None] + [self._token_logprob(t, e, prompt_logprobs)
                                        for t, e in zip(prompt_ids[1:], out.prompt_logprobs[1:])]
         return Completion(len(prompt_ids), [samples[i] for i in sorted(samples)], prompt_lps)
+
+    async def _beam_search(self, prompt_ids: list[int], sampling: SamplingConfig, priority: int) -> Completion:
+        """vLLM's beam search (width ``sampling.n``): the n best beams, best first."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        async with self._semaphore():
+            self.in_flight += 1
+            try:
+                out = await beam_search(self._llm, self.tokenizer, prompt_ids, sampling, uuid.uuid4().hex, priority)
+            except EngineDeadError as exc:
+                raise EngineFatalError(f"vLLM engine died: {exc}") from exc
+            finally:
+                self.in_flight -= 1
+        if any(o.finish_reason == "error" for o in out.outputs):
+            raise RuntimeError("beam search failed inside the engine")
+        return Completion(len(prompt_ids), [self._sample(o, None) for o in out.outputs], None)
 
     # ---- scoring (log-likelihood of a given text) ----------------------------------------
     async def score(
@@ -235,16 +283,18 @@ class Engine:
     def _token_logprob(tok: int, entry: Any, k: int) -> TokenLogprob:
         """One position's chosen token and its top-k alternatives (token text -> logprob)."""
         chosen = entry.get(tok)
-        top = {(lp.decoded_token or ""): lp.logprob for lp in entry.values() if lp.rank <= max(k, 1)}
+        # vLLM's (and OpenAI's) top: the position's first k + 1 entries (the chosen token, then the top k)
+        top = {(lp.decoded_token or ""): lp.logprob for _, lp in zip(range(k + 1), entry.values())}
+        ranked = {i: (lp.logprob, lp.rank, lp.decoded_token or "") for i, lp in entry.items()}
         if chosen is None:
-            return TokenLogprob("", float("-inf"), top)
-        return TokenLogprob(chosen.decoded_token or "", chosen.logprob, top)
+            return TokenLogprob("", float("-inf"), top, ranked)
+        return TokenLogprob(chosen.decoded_token or "", chosen.logprob, top, ranked)
 
     def _sample(self, out: Any, logprobs: Optional[int]) -> Sample:
         lps = None
         if logprobs is not None and out.logprobs is not None:
             lps = [self._token_logprob(tok, entry, logprobs) for tok, entry in zip(out.token_ids, out.logprobs)]
-        return Sample(out.index, out.text, list(out.token_ids), out.finish_reason, lps)
+        return Sample(out.index, out.text, list(out.token_ids), out.finish_reason, lps, out.stop_reason)
 
     # ---- feature extraction --------------------------------------------------------------
     async def embed(self, prompt_ids: list[int], *, normalize: bool = True, priority: int = PRIORITY_ONLINE) -> list[float]:
@@ -298,10 +348,14 @@ class Engine:
 def complete_once(config: EngineConfig, prompt: Any, sampling: SamplingConfig) -> Completion:
     """One completion in-process (no Ray): for ``gpt2-pipeline generate`` and quick checks."""
 
+    from pipeline.models import resolve_model
+
+    check_job_sampling(sampling, resolve_model(config.model, config.revision, config.offline))  # before the engine
+
     async def main() -> Completion:
         engine = Engine(config, in_process=True)
         try:
-            ids = engine.encode(prompt, sampling.max_tokens)
+            ids = engine.encode(prompt, sampling.max_tokens, sampling=sampling)
             return await engine.complete(ids, sampling)
         finally:
             engine.shutdown()

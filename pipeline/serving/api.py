@@ -22,8 +22,11 @@ from pipeline.serving.errors import APIError, error_event
 from pipeline.serving.metrics import Meter
 from pipeline.serving.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Embedding, EmbeddingRequest,
-    EmbeddingResponse, Usage,
+    EmbeddingResponse, PromptLogprob, Usage,
 )
+
+
+MIN_LOGPROB = -9999.0  # what -inf (a token a constraint or ban excludes) is sent as, as vLLM does (JSON has no -inf)
 
 
 @dataclass
@@ -35,7 +38,7 @@ class Prepared:
 
 
 def _encode(engine: Engine, prompts: list[Union[str, list[int]]], budget: int, max_prompts: int,
-            param: str) -> list[tuple[str, list[int]]]:
+            param: str, sampling: Optional[SamplingConfig] = None) -> list[tuple[str, list[int]]]:
     if not prompts:
         raise APIError(400, f"{param} must not be empty", param)
     if len(prompts) > max_prompts:
@@ -43,14 +46,15 @@ def _encode(engine: Engine, prompts: list[Union[str, list[int]]], budget: int, m
     out = []
     for p in prompts:
         try:
-            ids = engine.encode(p, truncate=False)
+            ids = engine.encode(p, truncate=False, sampling=sampling)
         except PromptError as exc:
             if exc.tokens is None:
                 raise APIError(400, exc.message, param, exc.code) from None
             _over_context(engine, exc.tokens, budget, param)
         if len(ids) + budget > engine.context_length:
             _over_context(engine, len(ids), budget, param)
-        out.append((p if isinstance(p, str) else engine.tokenizer.decode(ids), ids))
+        cut = sampling is not None and sampling.truncate_prompt_tokens is not None
+        out.append((p if isinstance(p, str) and not cut else engine.tokenizer.decode(ids), ids))
     return out
 
 
@@ -72,7 +76,14 @@ def check_model(served: str, requested: Optional[str]) -> None:
 
 def prepare(engine: Engine, req: CompletionRequest, max_prompts: int) -> Prepared:
     sampling = req.to_sampling()  # ValidationError / ValueError → 400 (errors.install)
-    return Prepared(sampling, _encode(engine, req.prompts(), sampling.max_tokens, max_prompts, "prompt"))
+    engine.check(sampling)  # vLLM's checks: token ids in the vocabulary, the constraint compiles
+    return Prepared(sampling, _encode(engine, req.prompts(), sampling.max_tokens, max_prompts, "prompt", sampling))
+
+
+def _prompt_entries(entries: list[Optional[TokenLogprob]]) -> list[Optional[dict[int, PromptLogprob]]]:
+    """vLLM's ``prompt_logprobs``: per prompt position its tokens' logprob, rank and text."""
+    return [None if e is None else {i: PromptLogprob(logprob=max(lp, MIN_LOGPROB), rank=rank, decoded_token=tok)
+                                    for i, (lp, rank, tok) in e.ranked.items()} for e in entries]
 
 
 def _extend(lp: CompletionLogprobs, entries: Any, offset: int) -> CompletionLogprobs:
@@ -80,8 +91,8 @@ def _extend(lp: CompletionLogprobs, entries: Any, offset: int) -> CompletionLogp
     for t in entries:
         lp.text_offset.append(offset)
         lp.tokens.append(t.token)
-        lp.token_logprobs.append(t.logprob)
-        lp.top_logprobs.append(t.top)
+        lp.token_logprobs.append(max(t.logprob, MIN_LOGPROB))
+        lp.top_logprobs.append({k: max(v, MIN_LOGPROB) for k, v in t.top.items()})
         offset += len(t.token)
     return lp
 
@@ -103,8 +114,9 @@ async def complete(engine: Engine, req: CompletionRequest, job: Prepared, model:
     """Non-streaming completions. ``echo`` with ``logprobs`` scores the prompt too (its tokens'
     logprobs come first); ``max_tokens`` 0 with ``echo`` only scores: no generated text."""
     score_prompt = req.echo and req.logprobs is not None
+    asked = req.prompt_logprobs if req.prompt_logprobs is not None else (req.logprobs if score_prompt else None)
     done = await asyncio.gather(*(
-        engine.complete(ids, job.sampling, priority=priority, prompt_logprobs=req.logprobs if score_prompt else None)
+        engine.complete(ids, job.sampling, priority=priority + req.priority, prompt_logprobs=asked)
         for _, ids in job.prompts
     ))
     choices, usage = [], Usage()
@@ -112,6 +124,9 @@ async def complete(engine: Engine, req: CompletionRequest, job: Prepared, model:
         usage.prompt_tokens += completion.prompt_tokens
         head = text if req.echo else ""
         prompt_lp = _prompt_logprobs(text, completion.prompt_logprobs, engine.tokenizer, ids[0]) if score_prompt else None
+        extra = {"prompt_token_ids": ids} if req.return_token_ids else {}
+        if asked is not None:  # vLLM answers them for echo with logprobs too
+            extra["prompt_logprobs"] = _prompt_entries(completion.prompt_logprobs)
         for s in completion.samples:
             if req.max_tokens == 0:
                 s = Sample(s.index, "", [], "length", [] if s.logprobs is not None else None)
@@ -119,8 +134,11 @@ async def complete(engine: Engine, req: CompletionRequest, job: Prepared, model:
             lp = _logprobs(s, len(head))
             if prompt_lp is not None:
                 lp = CompletionLogprobs(**{k: getattr(prompt_lp, k) + getattr(lp, k) for k in CompletionLogprobs.model_fields})
+            if req.return_token_ids:
+                extra["token_ids"] = s.token_ids
             choices.append(CompletionChoice(index=i * job.sampling.n + s.index, text=head + s.text,
-                                            finish_reason=s.finish_reason, logprobs=lp))
+                                            finish_reason=s.finish_reason, logprobs=lp, stop_reason=s.stop_reason,
+                                            **extra))
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     meter.tokens(usage.prompt_tokens, usage.completion_tokens)
     return CompletionResponse(choices=choices, model=model, usage=usage)
@@ -158,13 +176,16 @@ async def stream(engine: Engine, req: CompletionRequest, job: Prepared, model: s
     def choice(index: int, s: Sample) -> dict:
         lp = _logprobs(s, offsets.get(index, 0))
         offsets[index] = offsets.get(index, 0) + len(s.text)
-        return {"finish_reason": s.finish_reason, "index": index, "logprobs": lp.model_dump() if lp else None,
-                "text": s.text}
+        out = {"finish_reason": s.finish_reason, "index": index, "logprobs": lp.model_dump() if lp else None,
+               "text": s.text, "stop_reason": s.stop_reason}
+        if req.return_token_ids:
+            out["token_ids"] = s.token_ids
+        return out
 
     async def tagged(i: int, ids: list[int]) -> AsyncIterator[tuple[int, Any]]:
         """(i, delta) as tokens arrive, then (i, None); a failure ends it as (i, exception)."""
         try:
-            async with aclosing(engine.generate(ids, job.sampling, stream=True, priority=priority)) as chunks:
+            async with aclosing(engine.generate(ids, job.sampling, stream=True, priority=priority + req.priority)) as chunks:
                 async for chunk in chunks:
                     yield i, chunk
             yield i, None

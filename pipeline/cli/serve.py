@@ -22,6 +22,15 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
+def _absolute(storage: Optional[str]) -> Optional[str]:
+    """A local storage path as an absolute one: Ray workers do not share the shell's directory."""
+    if storage is None or "://" in storage:
+        return storage
+    from pathlib import Path
+
+    return str(Path(storage).expanduser().resolve())
+
+
 @app.command()
 def serve(
     spec: Spec = None,
@@ -44,6 +53,10 @@ def serve(
     min_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling: fewest replicas (enables autoscaling).")] = None,
     max_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling: most replicas.")] = None,
     target_ongoing_requests: Annotated[Optional[float], typer.Option(help="Autoscaling: target requests per replica.")] = None,
+    batch_storage: Annotated[Optional[str], typer.Option(help="Folder or URI (s3://, gs://) for /v1/files and /v1/batches: uploads, batch state, results (default ~/.cache/gpt2-pipeline/batches).")] = None,
+    max_file_bytes: Annotated[Optional[int], typer.Option(help="Largest upload to /v1/files (default 200 MB, as OpenAI).")] = None,
+    max_batch_requests: Annotated[Optional[int], typer.Option(help="Most request lines in one batch (default 50,000, as OpenAI).")] = None,
+    concurrent_batches: Annotated[Optional[int], typer.Option(help="Batches running at once; others wait in creation order (default 2).")] = None,
     address: Address = None,
     num_cpus: Annotated[Optional[int], typer.Option(help="Logical CPUs for an embedded Ray (default 8).")] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Return once deployed (needs --address: a running cluster).")] = False,
@@ -56,6 +69,8 @@ def serve(
         "max_queued_requests": max_queued_requests, "max_batch_in_flight": max_batch_in_flight,
         "min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing_requests": target_ongoing_requests,
         "address": address, "num_cpus": num_cpus,
+        "batches": {"storage": _absolute(batch_storage), "max_file_bytes": max_file_bytes,
+                    "max_requests": max_batch_requests, "concurrent": concurrent_batches},
         "engine": {**_engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype, max_model_len),
                    "stream_interval": stream_interval, "offline": offline, "gpu_memory_utilization": gpu_memory_utilization,
                    "embed_gpu_memory_utilization": embed_gpu_memory_utilization},

@@ -14,8 +14,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -26,7 +26,8 @@ from ray import serve
 from pipeline.config import Ingress, ServeConfig, Task
 from pipeline.engine import PRIORITY_BATCH, PRIORITY_ONLINE, Engine
 from pipeline.records import RowSpec, process_batch
-from pipeline.serving import api, errors
+from pipeline.serving import api, batch_routes, errors
+from pipeline.serving.batch_store import BatchStore
 from pipeline.serving.errors import APIError
 from pipeline.serving.metrics import Meter, Metrics
 from pipeline.serving.protocol import CompletionRequest, EmbeddingRequest, ModelCard, ModelList
@@ -50,6 +51,8 @@ class Guard:
         if scope["type"] == "http":
             headers = dict(scope["headers"])
             key, limit = self.server.api_key, self.server.cfg.max_body_bytes
+            if scope["path"] == "/v1/files":  # uploads have their own bound (checked again as they stream)
+                limit = self.server.cfg.batches.max_file_bytes + batch_routes.MULTIPART_SLACK
             if key and scope["path"] not in OPEN_PATHS:
                 if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {key}".encode()):
                     return await errors.error_response(
@@ -67,6 +70,7 @@ def build_api(server: "LLMServer") -> FastAPI:
     errors.install(app)
     cfg = server.cfg
     app.add_middleware(Guard, server=server)
+    batch_routes.install(app, server)
 
     @app.get("/health")
     async def health() -> dict:
@@ -105,6 +109,7 @@ def build_api(server: "LLMServer") -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        await asyncio.to_thread(server.metrics.count_batches, server.batch_store)
         return Response(server.metrics.render(lambda: server.engine.queued), media_type="text/plain; version=0.0.4")
 
     return app
@@ -152,6 +157,9 @@ class LLMServer:
         self._batch_slots: Optional[asyncio.Semaphore] = None
         self._app: Optional[FastAPI] = None
         self._http: Optional[asyncio.Task] = None
+        self.batch_store = BatchStore(cfg.batches.storage_uri())
+        self._runner: Any = None
+        self.runner().start.remote()  # resumes unfinished batches in storage (once per application)
         if cfg.ingress == Ingress.direct:
             self._http = asyncio.create_task(self._serve_http(listen(cfg.host, cfg.port)))
 
@@ -206,24 +214,59 @@ class LLMServer:
             self.active -= 1
             meter.done(200)
 
-    # ---- batch jobs through the same replicas (run --via-serve) ------------------------------
+    # ---- batch jobs through the same replicas (run --via-serve, the Batch API) ----------------
     async def process_batch(self, batch: pa.Table, spec: RowSpec, job_id: str = "") -> pa.Table:
-        if self._batch_slots is None:
-            self._batch_slots = asyncio.Semaphore(self.cfg.max_batch_in_flight)
         engine = self.embedder if spec.task == Task.embed else self.engine
         if engine is None:
             raise RuntimeError("this server has embeddings disabled")
+        with self._batch_call(job_id):
+            return await process_batch(engine, batch, spec, PRIORITY_BATCH, limit=self._batch_slots)
+
+    async def answer_requests(self, batch: pa.Table, job_id: str = "") -> pa.Table:
+        """OpenAI Batch request rows, answered as this replica's endpoints answer them."""
+        from pipeline.openai_batch import BatchAnswerer
+
+        with self._batch_call(job_id):
+            answers = await BatchAnswerer(self.name, self.engine, self.embedder, limit=self._batch_slots)(batch)
+        ok = answers["status_code"].to_pylist().count(200)
+        self.metrics.batch_requests.labels("done").inc(ok)
+        self.metrics.batch_requests.labels("failed").inc(answers.num_rows - ok)
+        return answers
+
+    @contextmanager
+    def _batch_call(self, job_id: str) -> Iterator[None]:
+        """Count a batch call while it runs; the replica's batch slots bound its rows in the engine."""
+        if self._batch_slots is None:
+            self._batch_slots = asyncio.Semaphore(self.cfg.max_batch_in_flight)
         self.batch_jobs[job_id] = self.batch_jobs.get(job_id, 0) + 1
         self.metrics.batch_calls.inc()
         self.metrics.batch_jobs.set(len(self.batch_jobs))
         try:
-            return await process_batch(engine, batch, spec, PRIORITY_BATCH, limit=self._batch_slots)
+            yield
         finally:
             self.metrics.batch_calls.dec()
             self.batch_jobs[job_id] -= 1
             if not self.batch_jobs[job_id]:
                 del self.batch_jobs[job_id]
             self.metrics.batch_jobs.set(len(self.batch_jobs))
+
+    def runner(self, renew: bool = False) -> Any:
+        """The application's Batch API runner (a named actor; made again if it died)."""
+        if self._runner is None or renew:
+            from pipeline.serving.batch_runner import runner
+
+            self._runner = runner(self.cfg)
+        return self._runner
+
+    async def call_runner(self, method: str, *args: Any) -> Any:
+        from ray.exceptions import RayActorError
+
+        for attempt in range(2):
+            try:
+                return await getattr(self.runner(renew=attempt > 0), method).remote(*args)
+            except RayActorError:
+                if attempt:
+                    raise APIError(503, "the batch runner is restarting; retry", retry_after=5) from None
 
     async def check_health(self) -> None:
         """Serve's own health check: a dead engine gets this replica replaced."""

@@ -314,6 +314,7 @@ class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_key: Optional[str] = Field(None, description="Require 'Authorization: Bearer <key>' (or env GPT2_PIPELINE_API_KEY).")
+    api_keys_file: Optional[str] = Field(None, description="A file of API keys, one per line (read by each replica): any of them is accepted, and each key sees only its own Batch API files and batches.")
     embeddings: bool = Field(True, description="Also start a pooling engine for /v1/embeddings.")
     max_queued_requests: int = Field(256, ge=0, description="Requests a replica lets wait beyond engine.max_in_flight before answering 429.")
     max_batch_in_flight: int = Field(64, ge=1, description="Batch-job rows a replica runs at once (online first).")

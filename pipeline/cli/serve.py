@@ -43,6 +43,7 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="HTTP port (default 8000).")] = None,
     api_key: Annotated[Optional[str], typer.Option(envvar="GPT2_PIPELINE_API_KEY", show_envvar=True,
                                                    help="Require 'Authorization: Bearer KEY' on all routes but health.")] = None,
+    api_keys_file: Annotated[Optional[str], typer.Option(help="File of API keys, one per line: any is accepted; each key sees only its own Batch API files and batches.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Serve application name (for run --via-serve).")] = None,
     embeddings: Annotated[Optional[bool], typer.Option("--embeddings/--no-embeddings", help="Serve /v1/embeddings (a second, pooling engine).")] = None,
     stream_interval: Annotated[Optional[int], typer.Option(help="Streaming: tokens per SSE chunk after the first (default 1).")] = None,
@@ -64,7 +65,7 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API on Ray Serve (Ctrl-C stops it)."""
     overrides = {
-        "host": host, "port": port, "api_key": api_key, "name": name, "embeddings": embeddings, "access_log": access_log,
+        "host": host, "port": port, "api_key": api_key, "api_keys_file": _absolute(api_keys_file), "name": name, "embeddings": embeddings, "access_log": access_log,
         "ingress": ingress.value if ingress else None,
         "max_queued_requests": max_queued_requests, "max_batch_in_flight": max_batch_in_flight,
         "min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing_requests": target_ongoing_requests,
@@ -92,7 +93,7 @@ def serve(
     url, ingress = start(cfg, verbose)
     console.print(f"ready in {time.monotonic() - started:.1f} s", highlight=False)
     out.print(f"serving {cfg.engine.name} at {url}/v1 (Serve app {cfg.name!r}, {ingress.value} ingress); "
-              f"{'API key required' if cfg.api_key else 'no API key'}", highlight=False)
+              f"{'API key required' if cfg.api_key or cfg.api_keys_file else 'no API key'}", highlight=False)
     sys.stdout.flush()  # scripts and log files wait for this line: don't leave it in a block buffer
     if detach:
         return

@@ -107,7 +107,7 @@ def install(app: FastAPI, server: Any) -> None:
     run = asyncio.to_thread
 
     def owner(request: Request) -> str:
-        if not server.api_key:
+        if not server.bearers:
             return ""
         return owner_of(request.headers.get("authorization", "").removeprefix("Bearer "))
 

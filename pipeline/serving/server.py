@@ -50,11 +50,12 @@ class Guard:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             headers = dict(scope["headers"])
-            key, limit = self.server.api_key, self.server.cfg.max_body_bytes
+            keys, limit = self.server.bearers, self.server.cfg.max_body_bytes
             if scope["path"] == "/v1/files":  # uploads have their own bound (checked again as they stream)
                 limit = self.server.cfg.batches.max_file_bytes + batch_routes.MULTIPART_SLACK
-            if key and scope["path"] not in OPEN_PATHS:
-                if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {key}".encode()):
+            if keys and scope["path"] not in OPEN_PATHS:
+                given = headers.get(b"authorization", b"")
+                if not any([hmac.compare_digest(given, bearer) for bearer in keys]):  # a list: compare every key
                     return await errors.error_response(
                         401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
                     )(scope, receive, send)
@@ -137,6 +138,7 @@ class LLMServer:
         self.cfg = cfg
         self.name = cfg.engine.name
         self.api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
+        self.bearers = [f"Bearer {k}".encode() for k in self._keys()]
         # Both engines share the replica's GPUs: each gets its own share of their memory.
         generate = lambda: Engine(cfg.engine, Task.generate, priority_scheduling=True, colocated=cfg.embeddings)  # noqa: E731
         embed = lambda: Engine(cfg.engine, Task.embed, colocated=True)  # noqa: E731
@@ -162,6 +164,13 @@ class LLMServer:
         self.runner().start.remote()  # resumes unfinished batches in storage (once per application)
         if cfg.ingress == Ingress.direct:
             self._http = asyncio.create_task(self._serve_http(listen(cfg.host, cfg.port)))
+
+    def _keys(self) -> list[str]:
+        keys = [self.api_key] if self.api_key else []
+        if self.cfg.api_keys_file:
+            with open(os.path.expanduser(self.cfg.api_keys_file)) as fh:
+                keys += [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+        return keys
 
     async def _serve_http(self, sock: socket.socket) -> None:
         """Direct ingress: this replica answers HTTP itself, on this event loop (no proxy hop)."""

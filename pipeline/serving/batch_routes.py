@@ -14,7 +14,7 @@ from typing import Any, Optional
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 
-from pipeline.openai_batch import COMPLETIONS, EMBEDDINGS
+from pipeline.formats import BATCH_URLS
 from pipeline.serving.batch_objects import (
     Batch, BatchCreate, BatchStatus, FileObject, Page, StoredBatch, StoredFile, checked_id, new_id, now, page,
 )
@@ -162,7 +162,7 @@ def install(app: FastAPI, server: Any) -> None:
 
     @app.post("/v1/batches")
     async def create_batch(request: Request, req: BatchCreate) -> Batch:
-        endpoints = (COMPLETIONS, EMBEDDINGS) if server.embedder is not None else (COMPLETIONS,)
+        endpoints = BATCH_URLS if server.embedder is not None else BATCH_URLS[:1]  # /v1/completions
         if req.endpoint not in endpoints:
             raise APIError(400, f"endpoint {req.endpoint!r} is not served here; use {' or '.join(endpoints)}", "endpoint")
         if req.completion_window not in limits.completion_windows:

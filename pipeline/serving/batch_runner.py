@@ -206,7 +206,7 @@ class BatchRunner:
     def _answered(self, batch_id: str) -> tuple[int, int]:
         """(answered 200, answered otherwise) in the committed shards."""
         table = self._answers(batch_id, ["status_code"])
-        ok = pc.sum(pc.equal(table["status_code"], 200)).as_py() or 0 if table.num_rows else 0
+        ok = (pc.sum(pc.equal(table["status_code"], 200)).as_py() or 0) if table.num_rows else 0
         return ok, table.num_rows - ok
 
     def _answers(self, batch_id: str, columns: list[str]) -> pa.Table:
@@ -235,9 +235,9 @@ class BatchRunner:
         try:
             for ids in self._input_ids(batch):
                 where = pc.index_in(ids, value_set=answers[BATCH_ID])
-                rows = answers.take(where.fill_null(0) if answers.num_rows else pa.array([], pa.int32())).to_pylist()
+                rows = answers.take(where.fill_null(0)).to_pylist() if answers.num_rows else [None] * len(ids)
                 out: dict[str, list[str]] = {"output": [], "error": []}
-                for custom_id, found, row in zip(ids.to_pylist(), where.is_valid().to_pylist(), rows or [None] * len(ids)):
+                for custom_id, found, row in zip(ids.to_pylist(), where.is_valid().to_pylist(), rows):
                     if found:
                         out["output" if row["status_code"] == 200 else "error"].append(answer_line(row))
                     else:

@@ -26,6 +26,7 @@ N, BAD = 120, (5, 77)
 
 
 def start_serve(port: int, storage: Path, hold_after: int | None = None) -> subprocess.Popen:
+    storage.mkdir(parents=True, exist_ok=True)
     keys = storage.parent / "keys.txt"
     keys.write_text(f"# one key per line\n{KEY}\n{OTHER}\n")
     env = {k: v for k, v in os.environ.items() if k != HOLD_ENV}
@@ -35,7 +36,8 @@ def start_serve(port: int, storage: Path, hold_after: int | None = None) -> subp
         [sys.executable, "-m", "pipeline", "serve", "--model", "demo", "--no-embeddings", "--port", str(port),
          "--batch-storage", str(storage), "--api-keys-file", str(keys), "--num-cpus", "4", "--max-batch-in-flight", "8",
          "--no-access-log"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT, env=env,
+        stdout=(storage.parent / f"serve-{time.monotonic_ns()}.log").open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True, cwd=ROOT, env=env,
     )
 
 
@@ -59,7 +61,7 @@ def test_kill_9_mid_batch_then_restart_answers_each_request_once(tmp_path):
     first = start_serve(port, storage, hold_after=2)  # the batch's job holds after 2 committed shards
     try:
         wait_healthy(url, timeout=1500)
-        oai = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        oai = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=5, timeout=120)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).files.list()
         up = oai.files.create(file=("restart.jsonl", request_lines(N, bad=BAD, max_tokens=8)), purpose="batch")
@@ -75,7 +77,7 @@ def test_kill_9_mid_batch_then_restart_answers_each_request_once(tmp_path):
     second = start_serve(port, storage)
     try:
         wait_healthy(url, timeout=1500)
-        oai = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        oai = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=5, timeout=120)
         done = wait_status(oai, batch.id, {"completed", "failed"})
         assert done.status == "completed", done.errors
         output, errors = result_lines(oai, done.output_file_id), result_lines(oai, done.error_file_id)
@@ -94,7 +96,7 @@ def test_kill_9_mid_batch_then_restart_answers_each_request_once(tmp_path):
         got = cli("download", batch.id, "--url", url, "--api-key", KEY, "-o", str(tmp_path / "dl"))
         assert got.returncode == 0, got.stderr
         assert len((tmp_path / "dl" / f"{batch.id}_output.jsonl").read_text().splitlines()) == N - len(BAD)
-        other = openai.OpenAI(base_url=f"{url}/v1", api_key=OTHER, max_retries=0, timeout=120)
+        other = openai.OpenAI(base_url=f"{url}/v1", api_key=OTHER, max_retries=5, timeout=120)
         with pytest.raises(openai.NotFoundError):  # each key sees only its own batches and files
             other.batches.retrieve(batch.id)
         with pytest.raises(openai.NotFoundError):

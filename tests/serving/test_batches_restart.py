@@ -42,8 +42,19 @@ def start_serve(port: int, storage: Path, hold_after: int | None = None) -> subp
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """kill -9 of the whole process tree: Ray's workers (the replica, the runner) run in their
+    own process groups under the raylet, so every descendant is killed, not only the group."""
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=60)
     proc.wait(60)
 
 

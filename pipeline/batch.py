@@ -250,7 +250,7 @@ def _start_inline(job: JobConfig, spec: RowSpec, clock: _Clock, batch_urls: Opti
     """The inline executor: the engine (or the Serve handle) comes up while the job is prepared."""
     from pipeline.inline import InlineRunner, engine_processor, serve_processor
 
-    if batch_urls is not None:
+    if batch_urls is not None and job.via_serve is None:
         from pipeline.openai_batch import inline_processor
 
         return InlineRunner(inline_processor(job.engine, batch_urls))
@@ -267,6 +267,10 @@ def _start_inline(job: JobConfig, spec: RowSpec, clock: _Clock, batch_urls: Opti
         raise ConfigError(f"--via-serve {job.via_serve!r}: no running Serve application of that name "
                           f"({type(exc).__name__}: {exc}); start one with `gpt2-pipeline serve --name {job.via_serve}`") from None
     clock.mark("ray_start")
+    if batch_urls is not None:  # request lines: the replicas answer them as their endpoints do
+        from pipeline import openai_batch
+
+        return InlineRunner(openai_batch.serve_processor(job.via_serve, job.output))
     return InlineRunner(serve_processor(job.via_serve, spec, job.output))
 
 

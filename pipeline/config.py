@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipeline.sampling import ROW_OVERRIDE_FIELDS, SamplingConfig, StructuredOutputs, _Strict
 
 __all__ = [
-    "ConfigError", "Dedupe", "Dtype", "EngineConfig", "Executor", "InputFormat", "JobConfig", "OutputFormat",
-    "SamplingConfig", "ScoreConfig", "ServeConfig", "StructuredOutputs", "Task",
+    "BatchAPIConfig", "ConfigError", "Dedupe", "Dtype", "EngineConfig", "Executor", "InputFormat", "JobConfig",
+    "OutputFormat", "SamplingConfig", "ScoreConfig", "ServeConfig", "StructuredOutputs", "Task",
     "ROW_OVERRIDE_FIELDS", "load_spec", "format_validation_error",
 ]
 
@@ -192,8 +192,8 @@ class JobConfig(_Strict):
             raise ValueError("output_format openai-batch needs input_format openai-batch (request lines to answer)")
         if self.results and not self.writes_openai_batch:
             raise ValueError("results is the OpenAI Batch output file: it needs openai-batch input")
-        if batch_in and (self.task != Task.generate.value or self.via_serve):
-            raise ValueError("openai-batch input takes the task from each request's url; drop task/via_serve")
+        if batch_in and self.task != Task.generate.value:
+            raise ValueError("openai-batch input takes the task from each request's url; drop task")
         return self
 
     def resolved_executor(self, embedded: bool) -> Executor:
@@ -223,6 +223,40 @@ class JobConfig(_Strict):
         }
 
 
+class BatchAPIConfig(_Strict):
+    """OpenAI's Files and Batches endpoints on a served fleet: storage and limits (OpenAI's by default)."""
+
+    storage: Optional[str] = Field(None, description="Folder or URI (s3://, gs://, file://) for uploaded files, batch state and results (default: ~/.cache/gpt2-pipeline/batches, or under $GPT2_PIPELINE_CACHE).")
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Largest upload (OpenAI: 200 MB).")
+    max_requests: int = Field(50_000, ge=1, description="Most request lines in one batch (OpenAI: 50,000).")
+    completion_windows: list[str] = Field(["24h"], min_length=1, description="Accepted completion_window values (<n>h, <n>m or <n>s; OpenAI: 24h only).")
+    concurrent: int = Field(2, ge=1, le=64, description="Batches running at once; more wait in creation order (FIFO).")
+    batch_size: int = Field(32, ge=1, le=4096, description="Requests per slice (one committed shard): also how soon a cancel takes effect.")
+
+    @field_validator("completion_windows")
+    @classmethod
+    def _windows(cls, value: list[str]) -> list[str]:
+        for w in value:
+            window_seconds(w)
+        return value
+
+    def storage_uri(self) -> str:
+        if self.storage:
+            return self.storage
+        import os
+
+        root = os.environ.get("GPT2_PIPELINE_CACHE") or str(Path.home() / ".cache" / "gpt2-pipeline")
+        return str(Path(root) / "batches")
+
+
+def window_seconds(window: str) -> int:
+    """``24h`` / ``90m`` / ``30s`` as seconds; ValueError otherwise."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    if len(window) < 2 or window[-1] not in units or not window[:-1].isdigit() or int(window[:-1]) <= 0:
+        raise ValueError(f"completion window {window!r} must be <n>h, <n>m or <n>s (e.g. 24h)")
+    return int(window[:-1]) * units[window[-1]]
+
+
 class ServeConfig(_Strict):
     """The online endpoint: a Ray Serve application around the same engine class."""
 
@@ -230,6 +264,7 @@ class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_key: Optional[str] = Field(None, description="Require 'Authorization: Bearer <key>' (or env GPT2_PIPELINE_API_KEY).")
+    api_keys_file: Optional[str] = Field(None, description="A file of API keys, one per line (read by each replica): any of them is accepted, and each key sees only its own Batch API files and batches.")
     embeddings: bool = Field(True, description="Also start a pooling engine for /v1/embeddings.")
     max_queued_requests: int = Field(256, ge=0, description="Requests a replica lets wait beyond engine.max_in_flight before answering 429.")
     max_batch_in_flight: int = Field(64, ge=1, description="Batch-job rows a replica runs at once (online first).")
@@ -243,6 +278,7 @@ class ServeConfig(_Strict):
     address: Optional[str] = None
     num_cpus: Optional[int] = Field(None, ge=1)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    batches: BatchAPIConfig = Field(default_factory=BatchAPIConfig, description="/v1/files and /v1/batches.")
 
     @property
     def autoscaling(self) -> bool:

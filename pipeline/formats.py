@@ -111,31 +111,39 @@ def _parse_batch(data: bytes, name: str) -> pa.Table:
     for i, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
-        where = f"{name} line {i}"
         try:
-            line = json.loads(raw)
+            custom_id, url, body = batch_line(raw)
         except ValueError as exc:
-            raise ConfigError(f"{where}: not valid JSON ({exc})") from None
-        if not isinstance(line, dict):
-            raise ConfigError(f"{where}: not a JSON object")
-        custom_id, method, url, body = (line.get(k) for k in ("custom_id", "method", "url", "body"))
-        if not isinstance(custom_id, str) or not custom_id:
-            raise ConfigError(f"{where}: custom_id must be a non-empty string, got {custom_id!r}")
-        if method != "POST":
-            raise ConfigError(f"{where}: method must be POST, got {method!r}")
-        if url not in BATCH_URLS:
-            raise ConfigError(f"{where}: url {url!r} is not supported; use {' or '.join(BATCH_URLS)}")
-        if not isinstance(body, dict):
-            raise ConfigError(f"{where}: body must be a JSON object (the request)")
-        unknown = sorted(set(line) - {"custom_id", "method", "url", "body"})
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
+            raise ConfigError(f"{name} line {i}: {exc}") from None
         cols[BATCH_ID].append(custom_id)
         cols["url"].append(url)
         cols["body"].append(json.dumps(body))
     if not cols[BATCH_ID]:
         raise ConfigError(f"{name} holds no requests")
     return pa.table({c: pa.array(v, pa.string()) for c, v in cols.items()})
+
+
+def batch_line(raw: bytes) -> tuple[str, str, dict]:
+    """One OpenAI Batch request line as (custom_id, url, body); ValueError says what is wrong."""
+    try:
+        line = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(line, dict):
+        raise ValueError("not a JSON object")
+    custom_id, method, url, body = (line.get(k) for k in ("custom_id", "method", "url", "body"))
+    if not isinstance(custom_id, str) or not custom_id:
+        raise ValueError(f"custom_id must be a non-empty string, got {custom_id!r}")
+    if method != "POST":
+        raise ValueError(f"method must be POST, got {method!r}")
+    if url not in BATCH_URLS:
+        raise ValueError(f"url {url!r} is not supported; use {' or '.join(BATCH_URLS)}")
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object (the request)")
+    unknown = sorted(set(line) - {"custom_id", "method", "url", "body"})
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}")
+    return custom_id, url, body
 
 
 def staged_name(index: int) -> str:

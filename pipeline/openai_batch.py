@@ -58,13 +58,20 @@ class BatchAnswerer:
     """Answers request rows: a generation engine for /v1/completions and a pooling engine for
     /v1/embeddings (each present only if the file uses it, as a Serve replica holds both)."""
 
-    def __init__(self, name: str, engine: Any, embedder: Any):
+    def __init__(self, name: str, engine: Any, embedder: Any, limit: Any = None):
         self.name, self.engine, self.embedder = name, engine, embedder
+        self.limit = limit  # an asyncio.Semaphore bounding rows inside the engines (a Serve replica's batch slots)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         import asyncio
 
-        rows = await asyncio.gather(*(self.answer(r[ID], r["url"], r["body"]) for r in batch.to_pylist()))
+        async def one(r: dict[str, Any]) -> dict[str, Any]:
+            if self.limit is None:
+                return await self.answer(r[ID], r["url"], r["body"])
+            async with self.limit:
+                return await self.answer(r[ID], r["url"], r["body"])
+
+        rows = await asyncio.gather(*(one(r) for r in batch.to_pylist()))
         return pa.Table.from_pylist(rows, schema=schema())
 
     async def answer(self, custom_id: str, url: str, body: str) -> dict[str, Any]:
@@ -138,6 +145,23 @@ def inline_processor(engine_config: EngineConfig, urls: list[str]) -> Any:
     return make
 
 
+def serve_processor(app_name: str, job_id: str) -> Any:
+    """Send each block to a running Serve application's replicas, which answer it with their
+    own engines at batch priority (``LLMServer.answer_requests``: the same ``BatchAnswerer``)."""
+
+    async def make() -> Any:
+        from ray import serve
+
+        handle = serve.get_app_handle(app_name)
+
+        async def process(table: pa.Table) -> pa.Table:
+            return await handle.answer_requests.remote(table, job_id)
+
+        return process, lambda failed: None
+
+    return make
+
+
 def write_results(fs: Any, folder: str, plan: io.InputPlan, job: JobConfig) -> str:
     """The OpenAI Batch output JSONL from the committed shards, one line per request in input
     order, written to a temp name and renamed (also to ``job.results`` if given). Returns its path."""
@@ -169,11 +193,18 @@ def _write_lines(fs: Any, path: str, answers: pa.Table) -> None:
     tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
     with fs.open_output_stream(tmp) as out:
         for batch in answers.to_batches(max_chunksize=4096):
-            lines = []
-            for r in batch.to_pylist():
-                head = json.dumps({"id": r["batch_request_id"], "custom_id": r[BATCH_ID]})[:-1]
-                response = f'{{"status_code": {r["status_code"]}, "request_id": {json.dumps(r["request_id"])}, "body": {r["body"]}}}'
-                lines.append(f'{head}, "response": {response}, "error": null}}\n')
-            out.write("".join(lines).encode())
+            out.write("".join(answer_line(r) for r in batch.to_pylist()).encode())
     fs.move(tmp, path)
 
+
+def answer_line(r: dict[str, Any]) -> str:
+    """One OpenAI Batch output line for an answered row (``body`` is the endpoint's JSON text)."""
+    head = json.dumps({"id": r["batch_request_id"], "custom_id": r[BATCH_ID]})[:-1]
+    response = f'{{"status_code": {r["status_code"]}, "request_id": {json.dumps(r["request_id"])}, "body": {r["body"]}}}'
+    return f'{head}, "response": {response}, "error": null}}\n'
+
+
+def missing_line(custom_id: str, code: str, message: str) -> str:
+    """The line for a request that was never run (its batch was cancelled or expired first)."""
+    return json.dumps({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None,
+                       "error": {"code": code, "message": message}}) + "\n"

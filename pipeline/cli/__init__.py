@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from pipeline.cli import batch, doctor, jobs, k8s, serve
+from pipeline.cli import batch, batches, doctor, jobs, k8s, serve
 from pipeline.cli.common import console
 
 app = typer.Typer(
@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for area in (batch, serve, jobs, k8s, doctor):
+for area in (batch, serve, batches, jobs, k8s, doctor):
     app.registered_commands += area.app.registered_commands
     app.registered_groups += area.app.registered_groups
 

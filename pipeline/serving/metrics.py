@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -30,8 +30,21 @@ class Metrics:
         self.batch_calls = Gauge("gpt2_pipeline_batch_calls_running", "Batch-job calls (run --via-serve) running",
                                  registry=r)
         self.batch_jobs = Gauge("gpt2_pipeline_batch_jobs_running", "Distinct batch jobs with calls running", registry=r)
+        self.batch_requests = Counter("gpt2_pipeline_batch_api_requests", "Batch API request lines answered here, by outcome (done: 200, failed: other)",
+                                      ["outcome"], registry=r)
+        self.batches = Gauge("gpt2_pipeline_batch_api_batches", "Batch API batches in storage, by status", ["status"], registry=r)
         self.info = Gauge("gpt2_pipeline_replica_info", "Replica identity", ["replica"], registry=r)
         self.info.labels(**labels).set(1)
+
+    def count_batches(self, store: Any) -> None:
+        """Set the batches-by-status gauge from storage (every status, zeros included)."""
+        from pipeline.serving.batch_objects import BatchStatus
+
+        counts = {status.value: 0 for status in BatchStatus}
+        for batch in store.batches():
+            counts[batch.status] = counts.get(batch.status, 0) + 1
+        for status, n in counts.items():
+            self.batches.labels(status).set(n)
 
     def render(self, queue_depth: Optional[Callable[[], int]] = None) -> bytes:
         if queue_depth is not None:

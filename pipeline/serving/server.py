@@ -14,8 +14,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -26,7 +26,8 @@ from ray import serve
 from pipeline.config import Ingress, ServeConfig, Task
 from pipeline.engine import PRIORITY_BATCH, PRIORITY_ONLINE, Engine
 from pipeline.records import RowSpec, process_batch
-from pipeline.serving import api, errors
+from pipeline.serving import api, batch_routes, errors
+from pipeline.serving.batch_store import BatchStore
 from pipeline.serving.errors import APIError
 from pipeline.serving.metrics import Meter, Metrics
 from pipeline.serving.protocol import CompletionRequest, EmbeddingRequest, ModelCard, ModelList
@@ -53,9 +54,12 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        key, limit = self.server.api_key, self.server.cfg.max_body_bytes
-        if key and scope["path"] not in OPEN_PATHS:
-            if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {key}".encode()):
+        keys, limit = self.server.bearers, self.server.cfg.max_body_bytes
+        if scope["path"] == "/v1/files":  # uploads have their own bound (checked again as they stream)
+            limit = self.server.cfg.batches.max_file_bytes + batch_routes.MULTIPART_SLACK
+        if keys and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not any([hmac.compare_digest(given, bearer) for bearer in keys]):  # a list: compare every key
                 return await errors.error_response(
                     401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
                 )(scope, receive, send)
@@ -99,6 +103,7 @@ def build_api(server: "LLMServer") -> FastAPI:
     errors.install(app)
     cfg = server.cfg
     app.add_middleware(Guard, server=server)
+    batch_routes.install(app, server)
 
     @app.get("/health")
     async def health() -> dict:
@@ -137,6 +142,7 @@ def build_api(server: "LLMServer") -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        await asyncio.to_thread(server.metrics.count_batches, server.batch_store)
         return Response(server.metrics.render(lambda: server.engine.queued), media_type="text/plain; version=0.0.4")
 
     return app
@@ -164,6 +170,7 @@ class LLMServer:
         self.cfg = cfg
         self.name = cfg.engine.name
         self.api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
+        self.bearers = [f"Bearer {k}".encode() for k in self._keys()]
         # Both engines share the replica's GPUs: each gets its own share of their memory.
         generate = lambda: Engine(cfg.engine, Task.generate, priority_scheduling=True, colocated=cfg.embeddings)  # noqa: E731
         embed = lambda: Engine(cfg.engine, Task.embed, colocated=True)  # noqa: E731
@@ -184,8 +191,18 @@ class LLMServer:
         self._batch_slots: Optional[asyncio.Semaphore] = None
         self._app: Optional[FastAPI] = None
         self._http: Optional[asyncio.Task] = None
+        self.batch_store = BatchStore(cfg.batches.storage_uri())
+        self._runner: Any = None
+        self.runner().start.remote()  # resumes unfinished batches in storage (once per application)
         if cfg.ingress == Ingress.direct:
             self._http = asyncio.create_task(self._serve_http(listen(cfg.host, cfg.port)))
+
+    def _keys(self) -> list[str]:
+        keys = [self.api_key] if self.api_key else []
+        if self.cfg.api_keys_file:
+            with open(os.path.expanduser(self.cfg.api_keys_file)) as fh:
+                keys += [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+        return keys
 
     async def _serve_http(self, sock: socket.socket) -> None:
         """Direct ingress: this replica answers HTTP itself, on this event loop (no proxy hop)."""
@@ -238,24 +255,59 @@ class LLMServer:
             self.active -= 1
             meter.done(200)
 
-    # ---- batch jobs through the same replicas (run --via-serve) ------------------------------
+    # ---- batch jobs through the same replicas (run --via-serve, the Batch API) ----------------
     async def process_batch(self, batch: pa.Table, spec: RowSpec, job_id: str = "") -> pa.Table:
-        if self._batch_slots is None:
-            self._batch_slots = asyncio.Semaphore(self.cfg.max_batch_in_flight)
         engine = self.embedder if spec.task == Task.embed else self.engine
         if engine is None:
             raise RuntimeError("this server has embeddings disabled")
+        with self._batch_call(job_id):
+            return await process_batch(engine, batch, spec, PRIORITY_BATCH, limit=self._batch_slots)
+
+    async def answer_requests(self, batch: pa.Table, job_id: str = "") -> pa.Table:
+        """OpenAI Batch request rows, answered as this replica's endpoints answer them."""
+        from pipeline.openai_batch import BatchAnswerer
+
+        with self._batch_call(job_id):
+            answers = await BatchAnswerer(self.name, self.engine, self.embedder, limit=self._batch_slots)(batch)
+        ok = answers["status_code"].to_pylist().count(200)
+        self.metrics.batch_requests.labels("done").inc(ok)
+        self.metrics.batch_requests.labels("failed").inc(answers.num_rows - ok)
+        return answers
+
+    @contextmanager
+    def _batch_call(self, job_id: str) -> Iterator[None]:
+        """Count a batch call while it runs; the replica's batch slots bound its rows in the engine."""
+        if self._batch_slots is None:
+            self._batch_slots = asyncio.Semaphore(self.cfg.max_batch_in_flight)
         self.batch_jobs[job_id] = self.batch_jobs.get(job_id, 0) + 1
         self.metrics.batch_calls.inc()
         self.metrics.batch_jobs.set(len(self.batch_jobs))
         try:
-            return await process_batch(engine, batch, spec, PRIORITY_BATCH, limit=self._batch_slots)
+            yield
         finally:
             self.metrics.batch_calls.dec()
             self.batch_jobs[job_id] -= 1
             if not self.batch_jobs[job_id]:
                 del self.batch_jobs[job_id]
             self.metrics.batch_jobs.set(len(self.batch_jobs))
+
+    def runner(self, renew: bool = False) -> Any:
+        """The application's Batch API runner (a named actor; made again if it died)."""
+        if self._runner is None or renew:
+            from pipeline.serving.batch_runner import runner
+
+            self._runner = runner(self.cfg)
+        return self._runner
+
+    async def call_runner(self, method: str, *args: Any) -> Any:
+        from ray.exceptions import RayActorError
+
+        for attempt in range(2):
+            try:
+                return await getattr(self.runner(renew=attempt > 0), method).remote(*args)
+            except RayActorError:
+                if attempt:
+                    raise APIError(503, "the batch runner is restarting; retry", retry_after=5) from None
 
     async def check_health(self) -> None:
         """Serve's own health check: a dead engine gets this replica replaced."""

@@ -33,7 +33,13 @@ def wait_healthy(url: str, timeout: float = 600, headers: dict | None = None) ->
 
 
 @pytest.fixture(scope="session")
-def server(ray_cluster):
+def batch_storage(tmp_path_factory):
+    """The Batch API's storage for the session's server (files, batch state, results)."""
+    return tmp_path_factory.mktemp("batch-storage")
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster, batch_storage):
     from ray import serve
 
     from pipeline.config import ServeConfig
@@ -43,6 +49,8 @@ def server(ray_cluster):
     cfg = ServeConfig(
         name=APP, port=port, max_queued_requests=MAX_QUEUED, max_batch_in_flight=4,
         engine={"model": "demo", "max_in_flight": MAX_IN_FLIGHT},
+        batches={"storage": str(batch_storage), "max_file_bytes": 64 * 1024, "batch_size": 8,
+                 "completion_windows": ["24h", "1s"]},  # 1s: expiry is reachable in a test
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name=APP, route_prefix="/", blocking=False)

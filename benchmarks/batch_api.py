@@ -1,0 +1,131 @@
+"""The Batch API against a plain job, and online latency while a batch runs.
+
+1. ``serve`` (one replica) on the model; online TTFT p50 at 8 streams, idle.
+2. A batch of ``--requests`` lines through ``/v1/files`` + ``/v1/batches`` (timed from create to
+   completed), with the same 8-stream TTFT measured while it runs.
+3. ``run --input-format openai-batch`` on the same file (inline engine); its time is the job's
+   processing time (engine ready -> last shard), so engine start-up is not counted on either side.
+
+    python benchmarks/batch_api.py --model demo --requests 3000 --max-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request_file(path: Path, n: int, model: str, max_tokens: int) -> Path:
+    with path.open("w") as fh:
+        for i in range(n):
+            body = {"model": model, "prompt": f"Request {i}: the history of the city is", "max_tokens": max_tokens,
+                    "seed": i, "ignore_eos": True}
+            fh.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}) + "\n")
+    return path
+
+
+async def ttft_round(url: str, model: str, streams: int) -> list[float]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        async def one(i: int) -> float:
+            t0 = time.perf_counter()
+            body = {"model": model, "prompt": f"Online prompt {i}", "max_tokens": 16, "stream": True}
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        return time.perf_counter() - t0
+            return float("nan")
+
+        return list(await asyncio.gather(*(one(i) for i in range(streams))))
+
+
+def ttft_p50(url: str, model: str, rounds: int, streams: int = 8, until: object = None) -> float:
+    samples: list[float] = []
+    for _ in range(rounds):
+        if until is not None and until():
+            break
+        samples += asyncio.run(ttft_round(url, model, streams))
+    return statistics.median(samples) if samples else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="batch-api-bench-"))
+    src = request_file(work / "requests.jsonl", args.requests, args.model, args.max_tokens)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", args.model, "--no-embeddings",
+                              "--port", str(port), "--batch-storage", str(work / "storage"), "--no-access-log"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
+    report: dict = {"model": args.model, "requests": args.requests, "max_tokens": args.max_tokens}
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("serve did not start")
+            time.sleep(1)
+        ttft_p50(url, args.model, 2)  # warm-up
+        report["ttft_p50_idle_s"] = round(ttft_p50(url, args.model, args.rounds), 4)
+        oai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        up = oai.files.create(file=src.open("rb"), purpose="batch")
+        t0 = time.monotonic()
+        batch = oai.batches.create(input_file_id=up.id, endpoint="/v1/completions", completion_window="24h")
+        running = lambda: oai.batches.retrieve(batch.id).status != "in_progress"  # noqa: E731
+        while oai.batches.retrieve(batch.id).status == "validating":
+            time.sleep(0.1)
+        report["ttft_p50_during_batch_s"] = round(ttft_p50(url, args.model, args.rounds, until=running), 4)
+        while (b := oai.batches.retrieve(batch.id)).status not in ("completed", "failed", "cancelled", "expired"):
+            time.sleep(0.2)
+        report["batch_s"] = round(time.monotonic() - t0, 2)
+        report["batch_status"], report["batch_counts"] = b.status, b.request_counts.model_dump()
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+    out = work / "job"
+    subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(src), "--output", str(out),
+                    "--input-format", "openai-batch", "--model", args.model], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = json.loads((out / "_summary.json").read_text())
+    phases = summary["phases"]
+    report["job_processing_s"] = round(phases["last_shard"] - (phases.get("engine_ready") or 0), 2)
+    report["job_status"] = summary["status"]
+    report["batch_over_job"] = round(report["batch_s"] / report["job_processing_s"], 3)
+    report["ttft_during_over_idle"] = round(report["ttft_p50_during_batch_s"] / report["ttft_p50_idle_s"], 3)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -210,13 +210,18 @@ class BatchRunner:
         return ok, table.num_rows - ok
 
     def _answers(self, batch_id: str, columns: list[str]) -> pa.Table:
+        """Committed answers (output files and staged shards), one row per request: a staged shard
+        that a sealed file already holds (a crash between the two steps of a seal) counts once."""
+        import numpy as np
         import pyarrow.dataset as pads
 
         fs, folder = self.store.fs, self.store.job_folder(batch_id)
-        shards = io.committed_shards(fs, folder)
-        if not shards:
+        files = io.output_files(fs, folder) + io.committed_shards(fs, folder)
+        if not files:
             return pa.table({c: pa.array([], pa.string() if c != "status_code" else pa.int32()) for c in columns})
-        return pads.dataset(shards, filesystem=fs, format="parquet").to_table(columns=columns)
+        table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=list(dict.fromkeys([BATCH_ID, *columns])))
+        _, first = np.unique(table[BATCH_ID].to_numpy(zero_copy_only=False), return_index=True)
+        return table.take(pa.array(np.sort(first))).select(columns)
 
     # ---- results ------------------------------------------------------------------------------
     def _finalize(self, batch_id: str, stop: Optional[str]) -> None:

@@ -316,9 +316,11 @@ def run_ours(a: argparse.Namespace, prompts: Path, work: Path, rows: int, replic
         # generation measured like raw vLLM's: from the engine being ready to the last output
         res["generation_s"] = phases["last_shard"] - phases["engine_ready"]
         res["steady_tokens_per_s"] = summary["completion_tokens"] / res["generation_s"]
+        res["ready_s"] = run.wall_s - (phases.get("verify") or phases["last_shard"]) + phases["engine_ready"]
+        res["ready_measured"] = True
     # When did the first shard land, from the subprocess start? (start-up + the first wave)
     res["first_output_s"] = (st["first_output_mtime"] - run.started_at) if files else None
-    if res["first_output_s"] is not None and st["steady_tokens_per_s"]:
+    if res["first_output_s"] is not None and st["steady_tokens_per_s"] and "ready_s" not in res:
         # when generation started, estimated: first output minus the time its wave took at the steady rate
         res["ready_s"] = res["first_output_s"] - st["first_wave_tokens"] / st["steady_tokens_per_s"]
         res["ready_measured"] = False

@@ -44,13 +44,14 @@ def list_batches(url: Url = "http://127.0.0.1:8000", api_key: Key = None,
     from rich.table import Table
 
     data = _call("GET", url, "/batches", api_key, params={"limit": limit}).json()["data"]
-    table = Table("status", "endpoint", "done", "failed", "total", "created")
-    table.add_column("id", no_wrap=True, min_width=30)
+    table = Table("id", "status", "endpoint", "done", "failed", "total", "created")
     for b in data:
         counts = b["request_counts"]
-        table.add_row(b["status"], b["endpoint"], str(counts["completed"]), str(counts["failed"]),
-                      str(counts["total"]), _when(b["created_at"]), b["id"])
-    out.print(table, width=max(out.width, 120))  # ids whole, also in a pipe
+        table.add_row(b["id"], b["status"], b["endpoint"], str(counts["completed"]), str(counts["failed"]),
+                      str(counts["total"]), _when(b["created_at"]))
+    from rich.console import Console
+
+    (out if out.is_terminal else Console(width=160)).print(table)  # whole rows in a pipe too
 
 
 @batches_app.command()

@@ -49,7 +49,9 @@ def list_batches(url: Url = "http://127.0.0.1:8000", api_key: Key = None,
         counts = b["request_counts"]
         table.add_row(b["id"], b["status"], b["endpoint"], str(counts["completed"]), str(counts["failed"]),
                       str(counts["total"]), _when(b["created_at"]))
-    out.print(table)
+    from rich.console import Console
+
+    (out if out.is_terminal else Console(width=160)).print(table)  # whole rows in a pipe too
 
 
 @batches_app.command()

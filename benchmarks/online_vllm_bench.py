@@ -14,7 +14,6 @@ written to ``benchmarks/results/online-vllm-bench-<model>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from conftest import write_prompts
 from pyarrow.fs import LocalFileSystem

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from pipeline.batch import HOLD_ENV
+from pipeline.shards import HOLD_ENV
 from tests.serving.conftest import free_port, wait_healthy
 from tests.serving.test_batches_api import request_lines, result_lines, wait_status
 

@@ -115,8 +115,9 @@ def test_batch_actor_requests_its_gpus_from_ray(ray_cluster, demo_model):
 
     job = JobConfig(input="x", output="y", engine=EngineConfig(model="demo", gpus_per_replica=4, tensor_parallel_size=4))
     spec = RowSpec(task=Task.generate, prompt_column="prompt", sampling=job.sampling)
-    op = _engine_stage(ray.data.from_items([{"a": 1}]), job, spec)._logical_plan.dag
+    op = _engine_stage(ray.data.from_items([{"a": 1}]), job, spec, None, block_rows=job.batch_size)._logical_plan.dag
     assert op.ray_remote_args["num_gpus"] == 4 and op.ray_remote_args["num_cpus"] == 1.0
     assert op.batch_size == job.batch_size  # Ray Data refuses GPUs without an explicit batch size
-    cpu = _engine_stage(ray.data.from_items([{"a": 1}]), job.model_copy(update={"engine": EngineConfig(model="demo")}), spec)
+    cpu = _engine_stage(ray.data.from_items([{"a": 1}]), job.model_copy(update={"engine": EngineConfig(model="demo")}), spec,
+                        None, block_rows=job.batch_size)
     assert "num_gpus" not in cpu._logical_plan.dag.ray_remote_args

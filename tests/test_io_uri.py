@@ -87,9 +87,11 @@ def test_prepare_output_and_write_shards_with_file_uris(tmp_path: Path):
     again = io.write_shard(fs, folder, _result([0, 1, 2]), "id", meta)  # a retried block
     second = io.write_shard(fs, folder, _result([3, 4]), "id", meta)
     assert first == again != second
-    assert sorted(p.name for p in out.iterdir()) == sorted([first, second])  # no temp files left
+    staged = out / io.STAGING  # commits wait there, hidden from readers, until compacted into output files
+    assert sorted(p.name for p in out.iterdir()) == [io.STAGING]
+    assert sorted(p.name for p in staged.iterdir()) == sorted([first, second])  # no temp files left
 
-    shard = pq.read_table(out / first)
+    shard = pq.read_table(staged / first)
     assert shard.column_names[0] == "id" and shard["id"].to_pylist() == [0, 1, 2]
     assert shard.schema.metadata[io.METADATA_KEY] == b'{"model": "demo"}'
     assert sorted(io.committed_ids(fs, folder, "id").to_pylist()) == [0, 1, 2, 3, 4]
@@ -103,7 +105,7 @@ def test_prepare_output_and_write_shards_with_file_uris(tmp_path: Path):
     io.prepare_output(uri(out), overwrite=False, resume=True)
     assert len(io.committed_shards(fs, folder)) == 2
     io.prepare_output(uri(out), overwrite=True, resume=False)
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == [io.STAGING] and list(staged.iterdir()) == []  # cleared
 
 
 def test_output_uri_that_is_a_file_is_refused(tmp_path: Path):

@@ -130,8 +130,8 @@ def run_job(
             job = job.model_copy(update={"engine": pinned(job.engine)})
         except ModelNotFoundError as exc:
             raise ConfigError(str(exc)) from None
-        if job.task == Task.generate.value:
-            _check_sampling(job)
+        if job.task == Task.generate.value and job.sampling.checked_by_engine:
+            _check_sampling(job)  # plain sampling values need no model: the engine's start is not held up
     fingerprint = {**job.fingerprint(), "input": plan.fingerprint}
     if job.resume and (finished := _finished(job, fingerprint)) is not None:
         return finished

@@ -146,6 +146,13 @@ class SamplingConfig(_Strict):
         return self
 
     @property
+    def checked_by_engine(self) -> bool:
+        """Whether some value can only be checked against the model (token ids against its
+        vocabulary, a constraint compiled with its tokenizer) before a job's engine starts."""
+        return bool(self.logit_bias or self.stop_token_ids or self.allowed_token_ids or self.structured_outputs
+                    or self.use_beam_search)
+
+    @property
     def beam_width(self) -> Optional[int]:
         """The beam width (n) when beam search is on, else None."""
         return self.n if self.use_beam_search else None

@@ -81,10 +81,6 @@ def _engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype
     }
 
 
-def _score_flags(stride: Optional[int], score_first_token: Optional[bool], token_logprobs: Optional[bool]) -> dict:
-    return {"stride": stride, "score_first_token": score_first_token, "token_logprobs": token_logprobs}
-
-
 def _sampling_flags(**kw: Any) -> dict:
     return {k: v for k, v in kw.items() if v is not None and v != []}
 

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import posixpath
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -38,7 +39,8 @@ from pipeline.serving.batch_store import BatchStore
 
 logger = logging.getLogger(__name__)
 NAMESPACE = "gpt2-pipeline"
-JOB_ATTEMPTS = 3  # a job that fails (a replica died mid-slice) resumes this often before the batch fails
+JOB_ATTEMPTS = 4  # a job that fails (a replica died mid-slice) resumes this often before the batch fails
+RETRY_PAUSE_S = 5.0  # times the attempt number: Serve replaces a dead replica in the meantime
 ENDED = {"cancel": (BatchStatus.cancelled, "batch_cancelled", "The batch was cancelled before this request ran."),
          "expire": (BatchStatus.expired, "batch_expired",
                     "This request could not be executed before the completion window expired.")}
@@ -134,7 +136,10 @@ class BatchRunner:
                                  request_counts=RequestCounts(total=total))
         if batch.status == BatchStatus.in_progress:
             message = ""
-            for _ in range(JOB_ATTEMPTS):
+            for attempt in range(JOB_ATTEMPTS):
+                if attempt:
+                    logger.warning("batch %s: job failed (%s); resuming it", batch_id, message)
+                    self._pause(batch_id, RETRY_PAUSE_S * attempt)
                 if batch_id in self.stops:
                     break
                 summary = self._job(batch)
@@ -146,6 +151,12 @@ class BatchRunner:
                              errors=BatchErrors(data=[BatchError(code="job_failed", message=message[:2000])]))
                 return
         self._finalize(batch_id, self.stops.pop(batch_id, None))
+
+    def _pause(self, batch_id: str, seconds: float) -> None:
+        """Wait before a retry; a cancel or expiry ends the wait."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and batch_id not in self.stops:
+            time.sleep(0.2)
 
     def _validate(self, batch: StoredBatch) -> tuple[list[BatchError], int]:
         """Stream the input file: line-numbered errors (up to ``MAX_ERRORS``) and the request count."""

@@ -35,6 +35,7 @@ from pipeline.serving.protocol import CompletionRequest, EmbeddingRequest, Model
 logger = logging.getLogger(__name__)
 API_KEY_ENV = "GPT2_PIPELINE_API_KEY"
 OPEN_PATHS = ("/health", "/health/ready")
+RUNNER_CALL_S = 20.0  # under Serve's health check timeout
 
 
 class Guard:
@@ -314,6 +315,15 @@ class LLMServer:
         await self.engine.check_health()
         if self.embedder is not None:
             await self.embedder.check_health()
+        await self.keep_runner()
+
+    async def keep_runner(self) -> None:
+        """The runner dies with the replica that made it (it owns the actor): the next health check
+        of any replica makes a new one, which resumes every unfinished batch from storage."""
+        try:
+            await asyncio.wait_for(self.call_runner("start"), RUNNER_CALL_S)
+        except (APIError, asyncio.TimeoutError) as exc:  # not this replica's health: retried next check
+            logger.warning("batch runner not reachable: %s", exc)
 
 
 def build_app(cfg: ServeConfig) -> Any:

@@ -58,11 +58,15 @@ class BatchStore:
 
     def job_uri(self, batch_id: str) -> str:
         """The job folder as a URI ``run_job`` can open (a local path stays a path)."""
-        base = self.uri.rstrip("/")
-        return f"{base}/batches/{checked_id(batch_id, 'batch')}"
+        return self._uri("batches", checked_id(batch_id, "batch"))
 
     def content_uri(self, file_id: str) -> str:
-        return f"{self.uri.rstrip('/')}/files/{checked_id(file_id, 'file')}.jsonl"
+        return self._uri("files", f"{checked_id(file_id, 'file')}.jsonl")
+
+    def _uri(self, *parts: str) -> str:
+        """A URI under the storage's: its query (``s3://b/p?endpoint_override=...``) stays last."""
+        base, sep, query = self.uri.partition("?") if "://" in self.uri else (self.uri, "", "")
+        return "/".join([base.rstrip("/"), *parts]) + sep + query
 
     # ---- atomic writes ------------------------------------------------------------------------
     def write_json(self, path: str, obj: BaseModel) -> None:

@@ -25,16 +25,19 @@ KEY, OTHER = "sk-batch-test", "sk-other-tenant"
 N, BAD = 120, (5, 77)
 
 
-def start_serve(port: int, storage: Path, hold_after: int | None = None) -> subprocess.Popen:
+def start_serve(port: int, storage: Path, hold_after: int | None = None, storage_uri: str | None = None,
+                env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``serve`` with the Batch API on ``storage`` (or ``storage_uri``; ``storage``'s folder then
+    holds only the keys file and the log), ``env`` added to its environment."""
     storage.mkdir(parents=True, exist_ok=True)
     keys = storage.parent / "keys.txt"
     keys.write_text(f"# one key per line\n{KEY}\n{OTHER}\n")
-    env = {k: v for k, v in os.environ.items() if k != HOLD_ENV}
+    env = {**{k: v for k, v in os.environ.items() if k != HOLD_ENV}, **(env or {})}
     if hold_after:
         env[HOLD_ENV] = str(hold_after)
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "serve", "--model", "demo", "--no-embeddings", "--port", str(port),
-         "--batch-storage", str(storage), "--api-keys-file", str(keys), "--num-cpus", "4", "--max-batch-in-flight", "8",
+         "--batch-storage", storage_uri or str(storage), "--api-keys-file", str(keys), "--num-cpus", "4", "--max-batch-in-flight", "8",
          "--no-access-log"],
         stdout=(storage.parent / f"serve-{time.monotonic_ns()}.log").open("w"), stderr=subprocess.STDOUT,
         start_new_session=True, cwd=ROOT, env=env,

@@ -1,8 +1,8 @@
 """OpenAI Batch files (and ``vllm run-batch`` files) as bulk jobs.
 
 Each request line becomes one row (id = ``custom_id``). Engine actors answer a row exactly as the
-HTTP endpoint answers the same body: the serving code (``serving.api`` + ``serving.protocol``)
-validates the body and builds the response, and ``serving.errors`` maps failures to the
+HTTP endpoint answers the same body: the endpoint code (``endpoint.api`` + ``endpoint.protocol``)
+validates the body and builds the response, and ``endpoint.errors`` maps failures to the
 endpoint's status and error JSON. A refused body is a row with that status, never a failed job.
 
 Rows go to content-addressed Parquet shards like any job (resume, verify and the manifest are
@@ -78,10 +78,10 @@ class BatchAnswerer:
         """One request line: what the endpoint at ``url`` answers for ``body``."""
         from pydantic import ValidationError
 
+        from pipeline.endpoint import api, errors
+        from pipeline.endpoint.metrics import Meter
+        from pipeline.endpoint.protocol import CompletionRequest, EmbeddingRequest
         from pipeline.engine import PRIORITY_BATCH, EngineFatalError
-        from pipeline.serving import api, errors
-        from pipeline.serving.metrics import Meter
-        from pipeline.serving.protocol import CompletionRequest, EmbeddingRequest
 
         row: dict[str, Any] = {ID: custom_id, "sample_index": 0, "url": url, "batch_request_id": f"batch_req_{uuid.uuid4().hex}",
                                "request_id": f"req_{uuid.uuid4().hex}", "prompt_tokens": None, "completion_tokens": None}

@@ -100,9 +100,9 @@ def test_openai_batch_round_trip(tmp_path, ray_cluster, engine, loop):
     assert greedy["status_code"] == 200 and greedy["body"]["object"] == "text_completion"
     assert greedy["body"]["usage"]["completion_tokens"] <= 4
     # the same body through the serving code on the in-process engine answers the same greedy text
-    from pipeline.serving import api
-    from pipeline.serving.metrics import Meter
-    from pipeline.serving.protocol import CompletionRequest
+    from pipeline.endpoint import api
+    from pipeline.endpoint.metrics import Meter
+    from pipeline.endpoint.protocol import CompletionRequest
 
     req = CompletionRequest.model_validate(BATCH[0]["body"])
     direct = loop.run(api.complete(engine, req, api.prepare(engine, req, 8), "demo", 0, Meter(None, "c")))

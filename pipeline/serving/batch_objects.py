@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.serving.errors import APIError
+from pipeline.endpoint.errors import APIError
 
 ID_PATTERN = re.compile(r"^(file-|batch_)[0-9a-f]{24}$")
 MAX_ERRORS = 100  # line-numbered validation errors kept on a failed batch

@@ -14,13 +14,13 @@ from typing import Any, Optional
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 
+from pipeline.endpoint.errors import APIError
 from pipeline.formats import BATCH_URLS
 from pipeline.serving.batch_objects import (
     Batch, BatchCreate, BatchStatus, FileObject, Page, StoredBatch, StoredFile, checked_id, new_id, now, page,
 )
 from pipeline.serving.batch_runner import expires_at
 from pipeline.serving.batch_store import BatchStore, owner_of
-from pipeline.serving.errors import APIError
 
 MULTIPART_SLACK = 64 * 1024  # a multipart body's headers and small fields beyond the file itself
 PURPOSES = ("batch",)

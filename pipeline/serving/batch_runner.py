@@ -30,8 +30,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline import io
-from pipeline.config import ServeConfig, window_seconds
+from pipeline.batch import JobAborted, run_job
+from pipeline.config import JobConfig, ServeConfig, window_seconds
 from pipeline.formats import BATCH_ID, batch_line
+from pipeline.openai_batch import answer_line, missing_line
 from pipeline.serving.batch_objects import (
     MAX_ERRORS, BatchError, BatchErrors, BatchStatus, RequestCounts, StoredBatch, StoredFile, derived_file_id, now,
 )
@@ -195,9 +197,6 @@ class BatchRunner:
 
     def _job(self, batch: StoredBatch) -> Any:
         """The batch's bulk job through the replicas; resumes from committed shards."""
-        from pipeline.batch import JobAborted, run_job
-        from pipeline.config import JobConfig
-
         job = JobConfig(input=self.store.content_uri(batch.input_file_id), output=self.store.job_uri(batch.id),
                         input_format="openai-batch", output_format="parquet", via_serve=self.cfg.name,
                         batch_size=self.limits.batch_size, resume=True, executor="inline", engine=self.cfg.engine)
@@ -246,8 +245,6 @@ class BatchRunner:
         files, counts = {}, {"output": 0, "error": 0}
         streams = {role: self.store.open_temp(self.store.file_content(derived_file_id(batch_id, role)))
                    for role in counts}
-        from pipeline.openai_batch import answer_line, missing_line
-
         try:
             for ids in self._input_ids(batch):
                 where = pc.index_in(ids, value_set=answers[BATCH_ID])

@@ -24,8 +24,8 @@ import pyarrow.fs as pafs
 from pydantic import BaseModel
 
 from pipeline import io
-from pipeline.serving.batch_objects import StoredBatch, StoredFile, checked_id
-from pipeline.serving.errors import APIError
+from pipeline.endpoint.errors import APIError
+from pipeline.serving.batch_objects import BatchStatus, StoredBatch, StoredFile, checked_id
 
 CHUNK = 1 << 20
 T = TypeVar("T", bound=BaseModel)
@@ -147,6 +147,13 @@ class BatchStore:
 
     def batches(self, owner: Optional[str] = None) -> list[StoredBatch]:
         return [b for b in self._list("batches", StoredBatch) if owner is None or b.owner == owner]
+
+    def status_counts(self) -> dict[str, int]:
+        """How many batches are in each status (every status, zeros included)."""
+        counts = {status.value: 0 for status in BatchStatus}
+        for batch in self.batches():
+            counts[batch.status] = counts.get(batch.status, 0) + 1
+        return counts
 
     def put_batch(self, batch: StoredBatch) -> None:
         self.write_json(self.batch_state(batch.id), batch)

@@ -24,13 +24,16 @@ from fastapi.responses import Response, StreamingResponse
 from ray import serve
 
 from pipeline.config import Ingress, ServeConfig, Task
+from pipeline.endpoint import api, errors
+from pipeline.endpoint.errors import APIError
+from pipeline.endpoint.metrics import Meter, Metrics
+from pipeline.endpoint.protocol import CompletionRequest, EmbeddingRequest, ModelCard, ModelList
 from pipeline.engine import PRIORITY_BATCH, PRIORITY_ONLINE, Engine
+from pipeline.openai_batch import BatchAnswerer
 from pipeline.records import RowSpec, process_batch
-from pipeline.serving import api, batch_routes, errors
+from pipeline.serving import batch_routes
+from pipeline.serving.batch_runner import runner
 from pipeline.serving.batch_store import BatchStore
-from pipeline.serving.errors import APIError
-from pipeline.serving.metrics import Meter, Metrics
-from pipeline.serving.protocol import CompletionRequest, EmbeddingRequest, ModelCard, ModelList
 
 logger = logging.getLogger(__name__)
 API_KEY_ENV = "GPT2_PIPELINE_API_KEY"
@@ -143,7 +146,7 @@ def build_api(server: "LLMServer") -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        await asyncio.to_thread(server.metrics.count_batches, server.batch_store)
+        server.metrics.set_batches(await asyncio.to_thread(server.batch_store.status_counts))
         return Response(server.metrics.render(lambda: server.engine.queued), media_type="text/plain; version=0.0.4")
 
     return app
@@ -266,8 +269,6 @@ class LLMServer:
 
     async def answer_requests(self, batch: pa.Table, job_id: str = "") -> pa.Table:
         """OpenAI Batch request rows, answered as this replica's endpoints answer them."""
-        from pipeline.openai_batch import BatchAnswerer
-
         with self._batch_call(job_id):
             answers = await BatchAnswerer(self.name, self.engine, self.embedder, limit=self._batch_slots)(batch)
         ok = answers["status_code"].to_pylist().count(200)
@@ -295,8 +296,6 @@ class LLMServer:
     def runner(self, renew: bool = False) -> Any:
         """The application's Batch API runner (a named actor; made again if it died)."""
         if self._runner is None or renew:
-            from pipeline.serving.batch_runner import runner
-
             self._runner = runner(self.cfg)
         return self._runner
 

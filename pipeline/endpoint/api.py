@@ -17,13 +17,13 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from pipeline.config import SamplingConfig
-from pipeline.engine import Engine, PromptError, Sample, TokenLogprob
-from pipeline.serving.errors import APIError, error_event
-from pipeline.serving.metrics import Meter
-from pipeline.serving.protocol import (
+from pipeline.endpoint.errors import APIError, error_event
+from pipeline.endpoint.metrics import Meter
+from pipeline.endpoint.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Embedding, EmbeddingRequest,
     EmbeddingResponse, PromptLogprob, Usage,
 )
+from pipeline.engine import Engine, PromptError, Sample, TokenLogprob
 
 
 MIN_LOGPROB = -9999.0  # what -inf (a token a constraint or ban excludes) is sent as, as vLLM does (JSON has no -inf)

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import format_validation_error
-from pipeline.serving.protocol import ErrorInfo, ErrorResponse
+from pipeline.endpoint.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -36,13 +36,8 @@ class Metrics:
         self.info = Gauge("gpt2_pipeline_replica_info", "Replica identity", ["replica"], registry=r)
         self.info.labels(**labels).set(1)
 
-    def count_batches(self, store: Any) -> None:
-        """Set the batches-by-status gauge from storage (every status, zeros included)."""
-        from pipeline.serving.batch_objects import BatchStatus
-
-        counts = {status.value: 0 for status in BatchStatus}
-        for batch in store.batches():
-            counts[batch.status] = counts.get(batch.status, 0) + 1
+    def set_batches(self, counts: dict[str, int]) -> None:
+        """The batches-by-status gauge (``counts``: every status, zeros included)."""
         for status, n in counts.items():
             self.batches.labels(status).set(n)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,40 @@ def process_titles(processes: Any) -> list[str]:
         except psutil.Error:
             continue
     return titles
+
+
+def kill_tree(proc: subprocess.Popen, grace: float = 0) -> None:
+    """End ``proc`` and every process it started: its descendants and the rest of its process
+    group (Ray's workers are the raylet's children, in their own groups). With ``grace``, SIGTERM
+    first and that many seconds to stop; then SIGKILL for whatever is alive. Only these pids."""
+    import psutil
+
+    def group(p: psutil.Process) -> int:
+        try:
+            return os.getpgid(p.pid)
+        except OSError:
+            return -1
+
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    procs += [p for p in psutil.process_iter() if group(p) == proc.pid and p not in procs]
+    if grace and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=2 if grace else 0)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=60)
+    proc.wait(60)
 
 
 def write_prompts(path: Path, prompts: list[Any], row_group_size: int | None = None, **columns: list[Any]) -> Path:

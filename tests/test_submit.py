@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import kill_tree
 from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,38 +47,6 @@ def _env() -> dict[str, str]:
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # a throwaway head: no 30 s drain on SIGTERM
     return env
-
-
-def _end(head: subprocess.Popen) -> None:
-    """Stop the head and everything under it: SIGTERM to `ray start --block` (it stops its
-    processes), then SIGKILL whatever it started that is still alive. Only these pids."""
-    import psutil
-
-    try:
-        root = psutil.Process(head.pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    procs += [p for p in psutil.process_iter() if _pgid(p) == head.pid and p not in procs]
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=3)  # a throwaway head: what has not stopped by then is killed
-    except subprocess.TimeoutExpired:
-        pass
-    _, alive = psutil.wait_procs(procs, timeout=2)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-
-
-def _pgid(p) -> int:
-    try:
-        return os.getpgid(p.pid)
-    except OSError:
-        return -1
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +83,7 @@ def head():
                 time.sleep(1)
         yield url
     finally:
-        _end(proc)
+        kill_tree(proc, grace=3)  # a throwaway head: `ray start --block` stops its processes on SIGTERM
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
         if auth_mode is None:

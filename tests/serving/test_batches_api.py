@@ -39,6 +39,20 @@ def result_lines(oai: openai.OpenAI, file_id: str | None) -> list[dict]:
     return [json.loads(line) for line in oai.files.content(file_id).text.splitlines()]
 
 
+def check_each_once(oai: openai.OpenAI, done: openai.types.Batch, n: int, bad: tuple[int, ...],
+                    prefix: str = "req") -> tuple[list[dict], list[dict]]:
+    """A completed batch of ``request_lines(n, bad, prefix=prefix)``: every custom_id exactly once
+    across its output and error files, the refused bodies (``bad``) alone in the error file, both
+    files in input order. Returns their lines."""
+    assert done.status == "completed", done.errors
+    output, errors = result_lines(oai, done.output_file_id), result_lines(oai, done.error_file_id)
+    ids = [r["custom_id"] for r in output + errors]
+    assert len(ids) == len(set(ids)) == n
+    assert [r["custom_id"] for r in errors] == [f"{prefix}-{i}" for i in bad]
+    assert [r["custom_id"] for r in output] == [f"{prefix}-{i}" for i in range(n) if i not in bad]
+    return output, errors
+
+
 @pytest.fixture()
 def oai(server):
     with openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120) as client:
@@ -58,17 +72,13 @@ def test_lifecycle_upload_create_poll_download(oai):
     assert created.status == "validating" and created.metadata == {"project": "lifecycle"}
     assert created.expires_at == created.created_at + 24 * 3600
     done = wait_status(oai, created.id, {"completed", "failed"})
-    assert done.status == "completed", done.errors
+    output, errors = check_each_once(oai, done, 20, (BAD,))
     assert done.created_at <= done.in_progress_at <= done.finalizing_at <= done.completed_at
     assert (done.request_counts.completed, done.request_counts.failed, done.request_counts.total) == (19, 1, 20)
-
-    output, errors = result_lines(oai, done.output_file_id), result_lines(oai, done.error_file_id)
-    assert [r["custom_id"] for r in output] == [f"req-{i}" for i in range(20) if i != BAD]  # input order
     for r in output:
         assert r["id"].startswith("batch_req_") and r["error"] is None and r["response"]["status_code"] == 200
         body = r["response"]["body"]
         assert body["object"] == "text_completion" and body["model"] == "demo" and body["usage"]["completion_tokens"] <= 4
-    assert [r["custom_id"] for r in errors] == [f"req-{BAD}"]
     assert errors[0]["response"]["status_code"] == 400 and "max_tokens" in errors[0]["response"]["body"]["error"]["message"]
     out_file = oai.files.retrieve(done.output_file_id)
     assert out_file.purpose == "batch_output" and out_file.bytes > 0

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.serving.conftest import free_port, wait_healthy
-from tests.serving.test_batches_api import request_lines, result_lines, wait_status
+from tests.serving.test_batches_api import check_each_once, request_lines, wait_status
 
 APP = "gpt2-replica-death"
 N, BAD = 400, (11, 250)
@@ -101,13 +101,8 @@ def run_and_kill(oai: openai.OpenAI, prefix: str, owner: bool) -> tuple[openai.t
 
 
 def check_once(oai: openai.OpenAI, storage, done: openai.types.Batch, prefix: str) -> None:
-    assert done.status == "completed", done.errors
-    output, errors = result_lines(oai, done.output_file_id), result_lines(oai, done.error_file_id)
-    ids = [r["custom_id"] for r in output + errors]
-    assert len(ids) == len(set(ids)) == N  # every request exactly once across both files
-    assert [r["custom_id"] for r in errors] == [f"{prefix}-{i}" for i in BAD]  # only the refused bodies
-    assert {r["response"]["status_code"] for r in errors} == {400}
-    assert [r["custom_id"] for r in output] == [f"{prefix}-{i}" for i in range(N) if i not in BAD]
+    _, errors = check_each_once(oai, done, N, BAD, prefix=prefix)
+    assert {r["response"]["status_code"] for r in errors} == {400}  # only the refused bodies
     summary = json.loads((storage / "batches" / done.id / "_summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["duplicates"] == 0
 

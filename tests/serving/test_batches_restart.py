@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,8 +16,9 @@ import openai
 import pytest
 
 from pipeline.shards import HOLD_ENV
+from tests.conftest import kill_tree
 from tests.serving.conftest import free_port, wait_healthy
-from tests.serving.test_batches_api import request_lines, result_lines, wait_status
+from tests.serving.test_batches_api import check_each_once, request_lines, wait_status
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY, OTHER = "sk-batch-test", "sk-other-tenant"
@@ -47,18 +47,7 @@ def start_serve(port: int, storage: Path, hold_after: int | None = None, storage
 def stop(proc: subprocess.Popen) -> None:
     """kill -9 of the whole process tree: Ray's workers (the replica, the runner) run in their
     own process groups under the raylet, so every descendant is killed, not only the group."""
-    import psutil
-
-    tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    for child in tree:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=60)
-    proc.wait(60)
+    kill_tree(proc)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -93,12 +82,7 @@ def test_kill_9_mid_batch_then_restart_answers_each_request_once(tmp_path):
         wait_healthy(url, timeout=1500)
         oai = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=5, timeout=120)
         done = wait_status(oai, batch.id, {"completed", "failed"})
-        assert done.status == "completed", done.errors
-        output, errors = result_lines(oai, done.output_file_id), result_lines(oai, done.error_file_id)
-        ids = [r["custom_id"] for r in output + errors]
-        assert len(ids) == len(set(ids)) == N
-        assert [r["custom_id"] for r in errors] == [f"req-{i}" for i in BAD]
-        assert [r["custom_id"] for r in output] == [f"req-{i}" for i in range(N) if i not in BAD]
+        check_each_once(oai, done, N, BAD)
         summary = json.loads((storage / "batches" / batch.id / "_summary.json").read_text())
         assert summary["skipped_resume"] >= 40 and summary["duplicates"] == 0  # resumed, not redone
 

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.serving.conftest import free_port, wait_healthy
-from tests.serving.test_batches_api import request_lines, result_lines, wait_status
+from tests.serving.test_batches_api import check_each_once, request_lines, wait_status
 from tests.serving.test_batches_restart import KEY, start_serve, stop
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -53,12 +53,7 @@ def test_batch_api_on_s3_storage(tmp_path, s3):
         assert oai.files.content(up.id).content == data
         batch = oai.batches.create(input_file_id=up.id, endpoint="/v1/completions", completion_window="24h")
         done = wait_status(oai, batch.id, {"completed", "failed", "cancelled", "expired"})
-        assert done.status == "completed", done.errors
-        output, errors = result_lines(oai, done.output_file_id), result_lines(oai, done.error_file_id)
-        ids = [r["custom_id"] for r in output + errors]
-        assert len(ids) == len(set(ids)) == N
-        assert [r["custom_id"] for r in errors] == [f"s3-{i}" for i in BAD]
-        assert [r["custom_id"] for r in output] == [f"s3-{i}" for i in range(N) if i not in BAD]
+        check_each_once(oai, done, N, BAD, prefix="s3")
 
         keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=PREFIX)
                 for o in page.get("Contents", [])]

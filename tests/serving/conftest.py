@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -20,9 +21,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, timeout: float = 600, headers: dict | None = None) -> None:
+def wait_healthy(url: str, timeout: float = 600, headers: dict | None = None, proc: Any = None) -> None:
+    """Wait until ``url`` answers /health; ``proc`` (a started server's Popen): fail at once if it exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before {url} became healthy")
         try:
             if httpx.get(f"{url}/health", timeout=5, headers=headers).status_code == 200:
                 return

@@ -63,7 +63,7 @@ def test_kill_9_mid_batch_then_restart_answers_each_request_once(tmp_path):
     url = f"http://127.0.0.1:{port}"
     first = start_serve(port, storage, hold_after=2)  # the batch's job holds after 2 committed shards
     try:
-        wait_healthy(url, timeout=1500)
+        wait_healthy(url, timeout=1500, proc=first)
         oai = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=5, timeout=120)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).files.list()
@@ -79,7 +79,7 @@ def test_kill_9_mid_batch_then_restart_answers_each_request_once(tmp_path):
 
     second = start_serve(port, storage)
     try:
-        wait_healthy(url, timeout=1500)
+        wait_healthy(url, timeout=1500, proc=second)
         oai = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=5, timeout=120)
         done = wait_status(oai, batch.id, {"completed", "failed"})
         check_each_once(oai, done, N, BAD)

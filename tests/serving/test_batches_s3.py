@@ -37,8 +37,9 @@ def s3():
 @pytest.mark.timeout(1800)
 def test_batch_api_on_s3_storage(tmp_path, s3):
     client, endpoint = s3
-    # allow_delayed_open: small objects go up in one PUT (moto 5.2.1 answers a multipart upload's
-    # completion with a root element pyarrow does not accept; real S3 takes either).
+    # allow_delayed_open: objects this small go up in one PUT. moto 5.2.1 answers a multipart
+    # upload's completion with <CompleteMultipartUploadResponse>, not S3's
+    # <CompleteMultipartUploadResult>, and pyarrow 26 takes that for an error.
     uri = (f"s3://{BUCKET}/{PREFIX}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
            "&allow_delayed_open=true")
     port = free_port()
@@ -46,7 +47,7 @@ def test_batch_api_on_s3_storage(tmp_path, s3):
     local = tmp_path / "local"
     proc = start_serve(port, local, storage_uri=uri, env=CREDENTIALS)
     try:
-        wait_healthy(url, timeout=1500)
+        wait_healthy(url, timeout=1500, proc=proc)
         oai = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=5, timeout=120)
         data = request_lines(N, bad=BAD, max_tokens=8, prefix="s3")
         up = oai.files.create(file=("s3.jsonl", data), purpose="batch")

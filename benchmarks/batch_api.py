@@ -6,7 +6,10 @@
 3. ``run --input-format openai-batch`` on the same file (inline engine); its time is the job's
    processing time (engine ready -> last shard), so engine start-up is not counted on either side.
 
-    python benchmarks/batch_api.py --model demo --requests 3000 --max-tokens 16
+    python benchmarks/batch_api.py --model demo --requests 3000 --max-tokens 16 --repeat 2
+
+Each repeat runs both sides; the order alternates. Every round goes to
+``benchmarks/results/batch-api-<date>[-<name>].json``.
 """
 
 from __future__ import annotations
@@ -68,21 +71,14 @@ def ttft_p50(url: str, model: str, rounds: int, streams: int = 8, until: object 
     return statistics.median(samples) if samples else float("nan")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--requests", type=int, default=3000)
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=10)
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="batch-api-bench-"))
-    src = request_file(work / "requests.jsonl", args.requests, args.model, args.max_tokens)
+def run_batch(args: argparse.Namespace, src: Path, work: Path) -> dict:
+    """``serve`` (one replica): idle TTFT, then the batch (create to completed) with TTFT during it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", args.model, "--no-embeddings",
                               "--port", str(port), "--batch-storage", str(work / "storage"), "--no-access-log"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
-    report: dict = {"model": args.model, "requests": args.requests, "max_tokens": args.max_tokens}
+    report: dict = {}
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -91,7 +87,7 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or serve.poll() is not None:
                 raise SystemExit("serve did not start")
             time.sleep(1)
         ttft_p50(url, args.model, 2)  # warm-up
@@ -114,17 +110,50 @@ def main() -> None:
             serve.wait(120)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
-    out = work / "job"
-    subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(src), "--output", str(out),
+    return report
+
+
+def run_plain_job(args: argparse.Namespace, src: Path, out: Path) -> dict:
+    """``run --input-format openai-batch`` on the same file: engine ready -> last shard."""
+    subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(src), "--output", str(out), "--overwrite",
                     "--input-format", "openai-batch", "--model", args.model], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     summary = json.loads((out / "_summary.json").read_text())
     phases = summary["phases"]
-    report["job_processing_s"] = round(phases["last_shard"] - (phases.get("engine_ready") or 0), 2)
-    report["job_status"] = summary["status"]
-    report["batch_over_job"] = round(report["batch_s"] / report["job_processing_s"], 3)
-    report["ttft_during_over_idle"] = round(report["ttft_p50_during_batch_s"] / report["ttft_p50_idle_s"], 3)
-    print(json.dumps(report, indent=1))
+    return {"job_processing_s": round(phases["last_shard"] - (phases.get("engine_ready") or 0), 2),
+            "job_status": summary["status"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=10, help="TTFT rounds of 8 streams per figure.")
+    ap.add_argument("--repeat", type=int, default=2, help="Batch/job pairs; the order alternates.")
+    ap.add_argument("--name", default="")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="batch-api-bench-"))
+    src = request_file(work / "requests.jsonl", args.requests, args.model, args.max_tokens)
+    stamp = time.strftime("%Y-%m-%d", time.gmtime())
+    result = ROOT / "benchmarks" / "results" / f"batch-api-{stamp}{'-' + args.name if args.name else ''}.json"
+    runs = []
+    for r in range(args.repeat):
+        report: dict = {"round": r, "model": args.model, "requests": args.requests, "max_tokens": args.max_tokens,
+                        "order": "job first" if r % 2 else "batch first",
+                        "load_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+        if r % 2:
+            report.update(run_plain_job(args, src, work / "job"))
+            report.update(run_batch(args, src, work / f"r{r}"))
+        else:
+            report.update(run_batch(args, src, work / f"r{r}"))
+            report.update(run_plain_job(args, src, work / "job"))
+        report["batch_over_job"] = round(report["batch_s"] / report["job_processing_s"], 3)
+        report["ttft_during_over_idle"] = round(report["ttft_p50_during_batch_s"] / report["ttft_p50_idle_s"], 3)
+        runs.append(report)
+        print(json.dumps(report), flush=True)
+        result.write_text(json.dumps({"date": stamp, "runs": runs}, indent=1))
+    print(f"wrote {result}")
 
 
 if __name__ == "__main__":

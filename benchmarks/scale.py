@@ -4,6 +4,8 @@
     python benchmarks/scale.py --rows 100000 --systems ours,ours_ray --ids str
     python benchmarks/scale.py --plan-files 1000 --plan-rows 10000000      # planning only, no engine
 
+Each run also records the process tree's RSS every 10 s (``rss_series``).
+
 Each row is a short prompt (one of ten sentence openings, 7-9 tokens) with 1 output token on the
 `demo` model, so the figures show the framework's per-row cost, not the model's. Every run is a
 subprocess under ``/usr/bin/time -v`` (peak RSS of the largest process, wall clock); ``uptime``'s
@@ -11,6 +13,8 @@ load is recorded with each figure (the machine may be shared). Systems, alternat
 
 - ``ours``: ``gpt2-pipeline run`` with the inline executor (one in-process engine);
 - ``ours_ray``: the same job through the Ray Data executor (1 replica);
+- ``ours_arenas``: ``ours`` with glibc's default malloc arenas (``MALLOC_ARENA_MAX`` 8 per core)
+  instead of the one arena the in-process engine asks for: what the memory fix is worth;
 - ``raw_vllm_1proc``: raw vLLM ``LLM.generate`` on the same prompts, in one process
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; ``benchmarks/offline.py``'s worker): the throughput peer;
 - ``resume``: ``--resume`` of the finished ``ours`` job.
@@ -64,17 +68,35 @@ def load() -> str:
 
 
 def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 7200) -> dict[str, Any]:
-    """Run under /usr/bin/time -v: wall seconds, peak RSS (MB) of the largest process, exit code."""
+    """Run under /usr/bin/time -v: wall seconds, peak RSS (MB) of the largest process, exit code,
+    and the process tree's RSS every 10 s (``rss_series``: [seconds, MB])."""
+    import psutil
+
     before = load()
     started = time.monotonic()
+    series: list[list[float]] = []
     with open(log, "w") as fh:
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=timeout)
+        proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+        while proc.poll() is None and time.monotonic() - started < timeout:
+            try:
+                tree = psutil.Process(proc.pid).children(recursive=True)
+                series.append([round(time.monotonic() - started), round(sum(p.memory_info().rss for p in tree) / 2**20)])
+            except psutil.Error:
+                pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
     wall = time.monotonic() - started
     text = log.read_text(errors="replace")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     return {"wall_s": round(wall, 2), "peak_rss_mb": round(int(rss.group(1)) / 1024, 1) if rss else None,
-            "exit": proc.returncode, "load_before": before, "load_after": load(), "command": " ".join(cmd)}
+            "exit": proc.returncode, "load_before": before, "load_after": load(), "command": " ".join(cmd),
+            "rss_series": series}
 
 
 def files_in(folder: Path) -> dict[str, Any]:
@@ -84,11 +106,12 @@ def files_in(folder: Path) -> dict[str, Any]:
             "staging_left": (folder / "_staging").exists(), "input_left": (folder / "_input").exists()}
 
 
-def run_ours(a: argparse.Namespace, prompts: Path, out: Path, log: Path, executor: str, resume: bool) -> dict[str, Any]:
+def run_ours(a: argparse.Namespace, prompts: Path, out: Path, log: Path, executor: str, resume: bool,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(prompts), "--output", str(out), "--model", a.model,
            "--max-tokens", "1", "--temperature", "1.0", "--ignore-eos", "--executor", executor]
     cmd += ["--resume"] if resume else ["--overwrite"]
-    res = timed(cmd, log)
+    res = timed(cmd, log, env)
     summary = json.loads((out / "_summary.json").read_text()) if (out / "_summary.json").exists() else {}
     res.update({k: summary.get(k) for k in ("status", "rows_out", "duplicates", "missing", "shards", "wall_time_s",
                                             "completion_tokens", "phases", "message")})
@@ -122,7 +145,7 @@ def plan_only(a: argparse.Namespace, work: Path) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="100000", help="Comma list of row counts.")
-    p.add_argument("--systems", default="ours,raw_vllm_1proc,resume", help="ours, ours_ray, raw_vllm_1proc, resume.")
+    p.add_argument("--systems", default="ours,raw_vllm_1proc,resume", help="ours, ours_ray, ours_arenas (glibc's default malloc arenas), raw_vllm_1proc, resume.")
     p.add_argument("--ids", choices=["int", "str"], default="int")
     p.add_argument("--model", default="demo")
     p.add_argument("--rounds", type=int, default=1)
@@ -151,6 +174,8 @@ def main() -> None:
                         res = run_raw(a, prompts, work, log)
                     elif system in ("ours", "ours_ray"):
                         res = run_ours(a, prompts, out, log, "inline" if system == "ours" else "ray-data", False)
+                    elif system == "ours_arenas":  # glibc's default arena count (8 per core), not one
+                        res = run_ours(a, prompts, out, log, "inline", False, {"MALLOC_ARENA_MAX": str(8 * (os.cpu_count() or 1))})
                     else:
                         res = run_ours(a, prompts, out, log, "inline", True)
                     report["runs"].append({"system": system, "rows": rows, "round": rnd, **res})

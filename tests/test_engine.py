@@ -112,6 +112,20 @@ def test_job_engine_runs_vllm_in_this_process(engine, loop):
     assert len(done.samples[0].token_ids) == 4 and engine.queued == 0
 
 
+def test_in_process_engine_asks_for_one_malloc_arena(monkeypatch):
+    """The in-process engine caps glibc at one malloc arena (its thread allocates what the
+    caller's thread frees: with an arena per thread, memory grows with a job's rows), unless the
+    user chose an arena count."""
+    import platform
+
+    from pipeline.engine.inproc import one_malloc_arena
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert one_malloc_arena() is (platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert one_malloc_arena() is False
+
+
 def test_second_engine_of_a_process_runs_its_core_apart(engine, loop):
     """vLLM's model state is per process: while a job's engine runs in-process, a second engine
     (a mixed Batch file's pooling engine) gets an engine-core process, and both answer at once."""

@@ -12,13 +12,23 @@ work would compete with the steps for the GIL.
 
 If a step raises, the engine is dead: every request, queued or new, gets vLLM's
 ``EngineDeadError``, as from ``AsyncLLM``.
+
+Memory: glibc gives each thread its own malloc arena. The engine thread allocates each request's
+state and outputs and the caller's thread frees them, a pattern under which the engine thread's
+arena only grows (about 1 KiB per request on the demo model: 3.9 GB at 100k rows, 4.3 GB at
+400k). Before the thread starts, ``one_malloc_arena`` caps the process at one arena
+(``mallopt(M_ARENA_MAX, 1)``, what ``MALLOC_ARENA_MAX=1`` does), so both threads share it and
+freed memory is reused; a job's memory then stays flat in its row count. A value the user set in
+``MALLOC_ARENA_MAX`` is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import ctypes
 import logging
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +53,20 @@ class _Abort:
     request_id: str
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def one_malloc_arena() -> bool:
+    """Cap glibc's malloc at one arena for the threads started from now on (see the module's
+    docstring). False where it does not apply: not glibc, or ``MALLOC_ARENA_MAX`` set."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1))  # the process's own libc
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return False
+
+
 class InprocLLM:
     """``LLMEngine`` in this process, driven by a thread; async per-request streams."""
 
@@ -56,6 +80,7 @@ class InprocLLM:
         self._streams: dict[str, Put] = {}  # owned by the engine thread
         built = threading.Event()
         failure: list[BaseException] = []
+        one_malloc_arena()
         self._thread = threading.Thread(target=self._own, args=(args, built, failure), name="vllm-engine-core",
                                         daemon=True)
         self._thread.start()

@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 
 import openai
 import pytest
 
+from tests.conftest import kill_tree
 from tests.serving.conftest import free_port, wait_healthy
 from tests.serving.test_batches_api import check_each_once, request_lines, wait_status
 from tests.serving.test_batches_restart import KEY, start_serve, stop
@@ -19,18 +23,37 @@ N, BAD = 60, (9,)
 
 @pytest.fixture()
 def s3():
-    """A local S3 endpoint with an empty bucket; yields its boto3 client and address."""
+    """A local S3 endpoint (moto's server, in a process of its own: its Flask app must not live in
+    the test process, whose later jobs would see Flask's globals) with an empty bucket; yields
+    its boto3 client and address."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    client.create_bucket(Bucket=BUCKET)
-    yield client, f"127.0.0.1:{port}"
-    server.stop()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:  # until the server listens (or has died)
+            if server.poll() is not None:
+                raise RuntimeError(f"moto's server exited with {server.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                server_wait(server)
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket=BUCKET)
+        yield client, f"127.0.0.1:{port}"
+    finally:
+        kill_tree(server)
+
+
+def server_wait(server: subprocess.Popen) -> None:
+    """Give a starting server a moment (returns at once if it exits)."""
+    try:
+        server.wait(timeout=0.2)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 @pytest.mark.slow

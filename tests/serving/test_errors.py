@@ -107,11 +107,14 @@ def test_oversized_body_is_413(client):
 @pytest.mark.parametrize("pause", [0.0, 0.002], ids=["chunked", "slow-drip"])
 def test_oversized_chunked_body_is_413_before_it_is_read_whole(server, pause):
     """No Content-Length: the bytes are counted as they arrive and the 413 comes at the bound
-    (4 MiB by default), not after 64 MiB were read and tokenized."""
-    status, sent, body = send_chunked(server, "/v1/completions", total=64 * 2**20, chunk=16 * 1024, pause=pause)
+    (4 MiB by default), not after 128 MiB were read and tokenized. Serve's HTTP proxy queues what
+    arrives until the replica answers, so the client may get tens of MiB out before it is stopped
+    (34 MB seen on a busy machine); a server that read the body whole would take all 128 MiB."""
+    total = 128 * 2**20
+    status, sent, body = send_chunked(server, "/v1/completions", total=total, chunk=16 * 1024, pause=pause)
     assert status == 413, body[:200]
     assert b"request body over" in body
-    assert sent < 32 * 2**20  # the client was stopped long before the end of its body
+    assert sent < total // 2  # the client was stopped long before the end of its body
 
 
 def test_small_chunked_body_is_answered(server):

@@ -3,6 +3,7 @@
     python benchmarks/scale.py --rows 100000,400000 --systems ours,raw_vllm_1proc,resume --rounds 2
     python benchmarks/scale.py --rows 100000 --systems ours,ours_ray --ids str
     python benchmarks/scale.py --plan-files 1000 --plan-rows 10000000      # planning only, no engine
+    python benchmarks/scale.py --plan-files 1000 --plan-rows 10000000 --plan-s3   # ... from a local S3
 
 Each run also records the process tree's RSS every 10 s (``rss_series``).
 
@@ -130,16 +131,52 @@ def run_raw(a: argparse.Namespace, prompts: Path, work: Path, log: Path) -> dict
     return res
 
 
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def local_s3(work: Path, src: Path) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server (a process of its own) holding ``src``'s files in bucket ``bench``; returns
+    the server and the input's ``s3://`` URI (pyarrow's S3 filesystem, path-style, plain HTTP)."""
+    import socket
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="bench", aws_secret_access_key="bench")
+    client.create_bucket(Bucket="bench")
+    for f in sorted(src.iterdir()):
+        client.upload_file(str(f), "bench", f"plan-input/{f.name}")
+    return server, f"s3://bench/plan-input?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+
+
 def plan_only(a: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Plan --plan-rows ids over --plan-files files (duplicate check included): time and peak RSS."""
+    """Plan --plan-rows ids over --plan-files files (duplicate check included): time and peak RSS;
+    with --plan-s3 the files are read through pyarrow's S3 filesystem from a local S3 server."""
     src = work / "plan-input"
     write_prompts(src, a.plan_rows, a.ids, files=a.plan_files)
-    code = ("import time; from pipeline import io; t=time.monotonic(); "
-            f"p=io.plan_input({str(src)!r}, 'prompt', 'id', []); "
-            "print('planned', p.total_rows, len(p.fragments), round(time.monotonic()-t, 2))")
-    res = timed([sys.executable, "-c", code], work / "log-plan.txt")
+    server, where = local_s3(work, src) if a.plan_s3 else (None, str(src))
+    try:
+        code = ("import time; from pipeline import io; t=time.monotonic(); "
+                f"p=io.plan_input({where!r}, 'prompt', 'id', []); "
+                "print('planned', p.total_rows, len(p.fragments), round(time.monotonic()-t, 2))")
+        res = timed([sys.executable, "-c", code], work / "log-plan.txt", env=S3_CREDENTIALS if server else None)
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
     res["printed"] = (work / "log-plan.txt").read_text().splitlines()[0]
-    return {"files": a.plan_files, "rows": a.plan_rows, "ids": a.ids, **res}
+    return {"files": a.plan_files, "rows": a.plan_rows, "ids": a.ids, "storage": "s3 (moto)" if server else "local", **res}
 
 
 def main() -> None:
@@ -151,6 +188,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--plan-files", type=int, default=0, help="Planning only: this many input files ...")
     p.add_argument("--plan-rows", type=int, default=10_000_000, help="... holding this many ids.")
+    p.add_argument("--plan-s3", action="store_true", help="... read through pyarrow's S3 filesystem from a local S3 server (moto).")
     p.add_argument("--name", default="")
     p.add_argument("--work-dir", default=None)
     a = p.parse_args()

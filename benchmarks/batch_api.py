@@ -7,6 +7,7 @@
    processing time (engine ready -> last shard), so engine start-up is not counted on either side.
 
     python benchmarks/batch_api.py --model demo --requests 3000 --max-tokens 16 --repeat 2
+    python benchmarks/batch_api.py --load-generator vllm --sides batch   # TTFT from vLLM's client
 
 Each repeat runs both sides; the order alternates. Every round goes to
 ``benchmarks/results/batch-api-<date>[-<name>].json``.
@@ -71,12 +72,32 @@ def ttft_p50(url: str, model: str, rounds: int, streams: int = 8, until: object 
     return statistics.median(samples) if samples else float("nan")
 
 
+def vllm_ttft_p50(url: str, args: argparse.Namespace) -> float:
+    """TTFT p50 (s) from vLLM's own load generator (``vllm bench serve``'s code) at 8 streams:
+    ``8 x --rounds`` random prompts of 32 tokens, 16 output tokens each."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from online_vllm_bench import bench
+
+    from pipeline.models import resolve_model
+
+    gen = argparse.Namespace(input_len=32, max_tokens=16)
+    result = bench(url, args.model, str(resolve_model(args.model)), 8, 8 * args.rounds, gen)
+    return result["median_ttft_ms"] / 1000 if result.get("completed") else float("nan")
+
+
+def online_ttft(url: str, args: argparse.Namespace, until: object = None) -> float:
+    if args.load_generator == "vllm":
+        return vllm_ttft_p50(url, args)
+    return ttft_p50(url, args.model, args.rounds, until=until)
+
+
 def run_batch(args: argparse.Namespace, src: Path, work: Path) -> dict:
     """``serve`` (one replica): idle TTFT, then the batch (create to completed) with TTFT during it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", args.model, "--no-embeddings",
-                              "--port", str(port), "--batch-storage", str(work / "storage"), "--no-access-log"],
+                              "--port", str(port), "--batch-storage", str(work / "storage"), "--no-access-log",
+                              *args.serve_arg],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
     report: dict = {}
     try:
@@ -91,7 +112,7 @@ def run_batch(args: argparse.Namespace, src: Path, work: Path) -> dict:
                 raise SystemExit("serve did not start")
             time.sleep(1)
         ttft_p50(url, args.model, 2)  # warm-up
-        report["ttft_p50_idle_s"] = round(ttft_p50(url, args.model, args.rounds), 4)
+        report["ttft_p50_idle_s"] = round(online_ttft(url, args), 4)
         oai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
         up = oai.files.create(file=src.open("rb"), purpose="batch")
         t0 = time.monotonic()
@@ -99,11 +120,16 @@ def run_batch(args: argparse.Namespace, src: Path, work: Path) -> dict:
         running = lambda: oai.batches.retrieve(batch.id).status != "in_progress"  # noqa: E731
         while oai.batches.retrieve(batch.id).status == "validating":
             time.sleep(0.1)
-        report["ttft_p50_during_batch_s"] = round(ttft_p50(url, args.model, args.rounds, until=running), 4)
+        report["ttft_p50_during_batch_s"] = round(online_ttft(url, args, until=running), 4)
+        report["batch_status_after_ttft"] = oai.batches.retrieve(batch.id).status  # in_progress: measured during it
         while (b := oai.batches.retrieve(batch.id)).status not in ("completed", "failed", "cancelled", "expired"):
             time.sleep(0.2)
         report["batch_s"] = round(time.monotonic() - t0, 2)
         report["batch_status"], report["batch_counts"] = b.status, b.request_counts.model_dump()
+        report["batch_phases_s"] = {  # the Batch object's own timestamps (whole seconds)
+            "validating": (b.in_progress_at or 0) - b.created_at,
+            "in_progress": (b.finalizing_at or 0) - (b.in_progress_at or 0),
+            "finalizing": (b.completed_at or 0) - (b.finalizing_at or 0)}
     finally:
         os.killpg(serve.pid, signal.SIGINT)
         try:
@@ -132,6 +158,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10, help="TTFT rounds of 8 streams per figure.")
     ap.add_argument("--repeat", type=int, default=2, help="Batch/job pairs; the order alternates.")
     ap.add_argument("--name", default="")
+    ap.add_argument("--serve-arg", action="append", default=[], help="Extra `serve` arguments (repeatable), e.g. --serve-arg=--max-batch-in-flight=256.")
+    ap.add_argument("--load-generator", choices=["ours", "vllm"], default="ours",
+                    help="Online TTFT from our SSE client or from vLLM's `vllm bench serve` code.")
+    ap.add_argument("--sides", choices=["both", "batch", "job"], default="both")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="batch-api-bench-"))
     src = request_file(work / "requests.jsonl", args.requests, args.model, args.max_tokens)
@@ -140,16 +170,18 @@ def main() -> None:
     runs = []
     for r in range(args.repeat):
         report: dict = {"round": r, "model": args.model, "requests": args.requests, "max_tokens": args.max_tokens,
+                        "serve_args": args.serve_arg, "load_generator": args.load_generator,
                         "order": "job first" if r % 2 else "batch first",
                         "load_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
-        if r % 2:
-            report.update(run_plain_job(args, src, work / "job"))
-            report.update(run_batch(args, src, work / f"r{r}"))
-        else:
-            report.update(run_batch(args, src, work / f"r{r}"))
-            report.update(run_plain_job(args, src, work / "job"))
-        report["batch_over_job"] = round(report["batch_s"] / report["job_processing_s"], 3)
-        report["ttft_during_over_idle"] = round(report["ttft_p50_during_batch_s"] / report["ttft_p50_idle_s"], 3)
+        sides = [lambda: run_batch(args, src, work / f"r{r}"), lambda: run_plain_job(args, src, work / "job")]
+        if args.sides != "both":
+            sides = sides[:1] if args.sides == "batch" else sides[1:]
+        for side in (sides[::-1] if r % 2 else sides):
+            report.update(side())
+        if "batch_s" in report and "job_processing_s" in report:
+            report["batch_over_job"] = round(report["batch_s"] / report["job_processing_s"], 3)
+        if "batch_s" in report:
+            report["ttft_during_over_idle"] = round(report["ttft_p50_during_batch_s"] / report["ttft_p50_idle_s"], 3)
         runs.append(report)
         print(json.dumps(report), flush=True)
         result.write_text(json.dumps({"date": stamp, "runs": runs}, indent=1))

@@ -113,7 +113,7 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool = True
     replicas: int = Field(1, ge=1, le=1024, description="Engine replicas (actors).")
     gpus_per_replica: float = Field(0.0, ge=0.0, description="GPUs Ray gives one replica (its num_gpus); 0 on CPU machines, <1 shares a GPU, >1 needs tensor_parallel_size equal to it.")
-    cpus_per_replica: float = Field(1.0, gt=0.0, description="Logical CPUs reserved per replica.")
+    cpus_per_replica: Optional[float] = Field(None, gt=0.0, description="Logical CPUs Ray reserves per replica; a CPU engine computes with that many threads (OMP_NUM_THREADS). Default: on an embedded Ray without GPUs, this machine's cores shared among the replicas; otherwise 1.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism inside one replica: over the replica's GPUs (equal to gpus_per_replica on GPUs).")
     truncate: bool = Field(False, description="Left-truncate prompts over the context instead of an error row.")
 

@@ -99,7 +99,7 @@ def stream(job: JobConfig, spec: RowSpec, plan: io.InputPlan, slices: list[dict]
 def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[list[str]], block_rows: int) -> Any:
     import ray.data
 
-    from pipeline.runtime import replica_resources
+    from pipeline.runtime import ray_address, replica_resources
 
     # The actors are async: concurrent calls put several blocks inside one engine at once.
     blocks = blocks_per_replica(job.engine.max_num_seqs, block_rows)
@@ -117,7 +117,7 @@ def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[l
         actor, kwargs = BatchRequestActor, {"engine_config": job.engine, "urls": batch_urls}
     else:
         actor, kwargs = EngineActor, {"engine_config": job.engine, "spec": spec}
-    resources = replica_resources(job.engine)
+    resources = replica_resources(job.engine, embedded=ray_address(job.address) is None)
     # One block (a run of slices) per call; Ray Data insists on an explicit batch size when GPUs
     # are requested, which here changes only how short (last or resumed) blocks group.
     return ds.map_batches(

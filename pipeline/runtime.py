@@ -33,11 +33,32 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def replica_resources(engine: "EngineConfig") -> dict[str, float]:
+def replica_resources(engine: "EngineConfig", embedded: bool = False) -> dict[str, float]:
     """The Ray resources of one engine replica (a batch actor or a Serve replica): its CPUs and
     ``gpus_per_replica`` GPUs, over which vLLM spreads ``tensor_parallel_size`` workers (equal to
-    it on GPUs, see EngineConfig). The one place both compute it."""
-    return {"num_cpus": engine.cpus_per_replica, "num_gpus": engine.gpus_per_replica}
+    it on GPUs, see EngineConfig). The one place both compute it.
+
+    CPUs: ``cpus_per_replica``, or by default 1, except on an embedded Ray (this machine only)
+    without GPUs: there a CPU engine is the work, and Ray gives an actor as many compute threads
+    as CPUs (``OMP_NUM_THREADS``, unless set), so the replicas share the machine's cores, as an
+    in-process engine uses them all. Two of Ray's logical CPUs stay for the job's other tasks."""
+    cpus = engine.cpus_per_replica
+    if cpus is None:
+        cpus = 1.0
+        if embedded and not engine.gpus_per_replica:
+            import ray
+
+            logical = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+            cpus = float(max(1, min(local_cores(), logical - 2) // engine.replicas))
+    return {"num_cpus": cpus, "num_gpus": engine.gpus_per_replica}
+
+
+def local_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def ray_address(address: Optional[str] = None) -> Optional[str]:

@@ -29,3 +29,19 @@ def test_embedded_ray_ignores_a_cluster_left_behind_by_ray_start():
             marker.write_text(saved)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CPUS 3" in proc.stdout
+
+
+def test_embedded_cpu_replicas_share_this_machines_cores(ray_cluster):
+    """On an embedded Ray without GPUs a replica gets the machine's cores (shared among the
+    replicas, two of Ray's logical CPUs left for other tasks); elsewhere 1 CPU, or what is set."""
+    from pipeline.config import EngineConfig
+    from pipeline.runtime import local_cores, replica_resources
+
+    cores, logical = local_cores(), int(ray_cluster.cluster_resources()["CPU"])
+    cpus = lambda embedded=True, **kw: replica_resources(EngineConfig(model="demo", **kw), embedded)["num_cpus"]  # noqa: E731
+    assert cpus() == max(1, min(cores, logical - 2))
+    assert cpus(replicas=2) == max(1, min(cores, logical - 2) // 2)
+    assert cpus(replicas=64) == 1
+    assert cpus(embedded=False) == 1
+    assert cpus(cpus_per_replica=3) == 3
+    assert cpus(gpus_per_replica=1) == 1

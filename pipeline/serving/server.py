@@ -329,8 +329,9 @@ class LLMServer:
             logger.warning("batch runner not reachable: %s", exc)
 
 
-def build_app(cfg: ServeConfig) -> Any:
-    """The Serve application for ``cfg`` (replicas or autoscaling, resources, queue bounds).
+def build_app(cfg: ServeConfig, embedded: bool = False) -> Any:
+    """The Serve application for ``cfg`` (replicas or autoscaling, resources, queue bounds);
+    ``embedded``: on a Ray this process started (``runtime.replica_resources``).
 
     The model is resolved here, on the driver: a hub id is downloaded and pinned to its commit."""
     from pipeline.models import pinned
@@ -339,7 +340,7 @@ def build_app(cfg: ServeConfig) -> Any:
     cfg = cfg.model_copy(update={"engine": pinned(cfg.engine)})
     engine = cfg.engine
     options: dict[str, Any] = dict(
-        ray_actor_options=replica_resources(engine),
+        ray_actor_options=replica_resources(engine, embedded=embedded),
         # Let requests reach the replica, which answers 429 itself (OpenAI JSON + Retry-After).
         # Serve's router queue is only a backstop (503): bursts wait there briefly while the
         # router assigns them, so it is sized well above the replica's own bound.
@@ -392,7 +393,7 @@ def start(cfg: ServeConfig, verbose: bool = False) -> tuple[str, Ingress]:
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": cfg.access_log},
                 proxy_location=ProxyLocation.Disabled if cfg.ingress == Ingress.direct else None)
     t_serve = time.monotonic()
-    serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
+    serve.run(build_app(cfg, embedded=ray_address(cfg.address) is None), name=cfg.name, route_prefix="/", blocking=False)
     t_ready = time.monotonic()
     logger.warning("serve start-up: ray %.1f s, serve %.1f s, replicas ready %.1f s; total %.1f s",
                    t_ray - t0, t_serve - t_ray, t_ready - t_serve, t_ready - t0)

@@ -55,6 +55,7 @@ class _Abort:
 
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter
+TRIM_EVERY = 4096  # finished requests between two ``release_free_memory`` calls of the engine thread
 
 
 def one_malloc_arena() -> bool:
@@ -68,11 +69,24 @@ def one_malloc_arena() -> bool:
         return False
 
 
+def release_free_memory() -> bool:
+    """Hand the free pages inside glibc's heaps back to the OS (``malloc_trim(0)``: every arena,
+    not only the top of the main heap). False where it does not apply (not glibc)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return False
+    trim(0)
+    return True
+
+
 class InprocLLM:
     """``LLMEngine`` in this process, driven by a thread; async per-request streams."""
 
-    def __init__(self, args: Any):
+    def __init__(self, args: Any, trim_every: int = TRIM_EVERY):
         self._engine: Any = None
+        self.trim_every = trim_every  # finished requests between two release_free_memory calls
+        self.trims = 0  # how many times the engine thread released free memory
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # closing vs. sending: nothing lands in a dead inbox
@@ -176,6 +190,7 @@ class InprocLLM:
         self._run()
 
     def _run(self) -> None:
+        finished = 0  # requests finished since free memory was last released
         try:
             while not self._closed:
                 self._take_inbox()
@@ -183,7 +198,12 @@ class InprocLLM:
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                for out in self._engine.step():
+                outputs = self._engine.step()
+                finished += sum(out.finished for out in outputs)
+                if finished >= self.trim_every:  # before the outputs go: their callers see it done
+                    finished = 0
+                    self.trims += release_free_memory()
+                for out in outputs:
                     put = self._streams.get(out.request_id)
                     if put is not None:
                         if out.finished:

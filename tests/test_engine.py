@@ -126,6 +126,20 @@ def test_in_process_engine_asks_for_one_malloc_arena(monkeypatch):
     assert one_malloc_arena() is False
 
 
+def test_in_process_engine_caps_onednn_primitive_cache(engine, monkeypatch):
+    """vLLM's CPU kernels keep a oneDNN primitive per batch size; the in-process engine caps
+    oneDNN's cache (set before its first primitive) unless the user chose a capacity."""
+    import os
+
+    from pipeline.engine.inproc import ONEDNN_CACHE, ONEDNN_CACHE_ENV, cap_onednn_cache
+
+    assert engine.in_process and os.environ.get(ONEDNN_CACHE_ENV) == str(ONEDNN_CACHE)
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, "7")
+    assert cap_onednn_cache() is False and os.environ[ONEDNN_CACHE_ENV] == "7"
+    monkeypatch.delenv(ONEDNN_CACHE_ENV)
+    assert cap_onednn_cache() is True and os.environ[ONEDNN_CACHE_ENV] == str(ONEDNN_CACHE)
+
+
 def test_in_process_engine_releases_free_memory_as_requests_finish(engine, loop):
     """Every ``trim_every`` finished requests the engine thread hands the free pages inside
     glibc's heaps back to the OS (``malloc_trim``): freed memory of a long job's earlier rows

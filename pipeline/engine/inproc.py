@@ -18,9 +18,16 @@ state and outputs and the caller's thread frees them, a pattern under which the 
 arena keeps growing (this engine alone on the demo model: 386 MB of heap at the start, 1,040 MB
 after 30k requests). Before the thread starts, ``one_malloc_arena`` caps the process at one arena
 (``mallopt(M_ARENA_MAX, 1)``, what ``MALLOC_ARENA_MAX=1`` does), so both threads share it and
-freed memory is reused (the same engine: 613 MB at 30k and at 40k requests). A whole job still
-grows more slowly, from other native allocations. A value the user set in ``MALLOC_ARENA_MAX``
-is kept.
+freed memory is reused (the same engine: 613 MB at 30k and at 40k requests). A value the user
+set in ``MALLOC_ARENA_MAX`` is kept.
+
+A whole job grew on for another reason: vLLM's CPU linear layers build a oneDNN matmul primitive
+(a JIT kernel and its descriptor, about 0.5 MB) per batch size a step meets, and oneDNN's global
+cache keeps up to 1,024 of them (memray, 20k rows of a job on ``demo``: 174 of the 181 MiB still
+allocated came from there). ``cap_onednn_cache`` lowers that cache to ``ONEDNN_CACHE`` before the
+engine builds its first primitive (a user's ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` is kept), and the
+engine thread calls ``malloc_trim(0)`` every ``TRIM_EVERY`` finished requests, so the free pages
+that evicted primitives and finished requests leave inside glibc's heap go back to the OS.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ class _Abort:
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter
 TRIM_EVERY = 4096  # finished requests between two ``release_free_memory`` calls of the engine thread
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE = 128  # oneDNN primitives kept (its default 1,024: about 0.5 MB each here)
 
 
 def one_malloc_arena() -> bool:
@@ -67,6 +76,18 @@ def one_malloc_arena() -> bool:
         return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1))  # the process's own libc
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         return False
+
+
+def cap_onednn_cache() -> bool:
+    """Keep at most ``ONEDNN_CACHE`` compiled oneDNN primitives (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
+    read by vLLM's CPU kernels when they build their first one). vLLM's CPU linear layers build a
+    matmul primitive per batch size (tokens in a step) and keep 32 per layer themselves; oneDNN's
+    own cache keeps 1,024 more by default, each with its JIT kernel, so a job's memory grows with
+    every new batch size it meets until 1,024 are kept (about 0.5 GB). False if the user set it."""
+    if os.environ.get(ONEDNN_CACHE_ENV):
+        return False
+    os.environ[ONEDNN_CACHE_ENV] = str(ONEDNN_CACHE)
+    return True
 
 
 def release_free_memory() -> bool:
@@ -96,6 +117,7 @@ class InprocLLM:
         built = threading.Event()
         failure: list[BaseException] = []
         one_malloc_arena()
+        cap_onednn_cache()
         self._thread = threading.Thread(target=self._own, args=(args, built, failure), name="vllm-engine-core",
                                         daemon=True)
         self._thread.start()

@@ -152,11 +152,13 @@ def test_in_process_engine_releases_free_memory_as_requests_finish(engine, loop)
     assert release_free_memory() is glibc
     llm = engine._llm
     assert isinstance(llm, InprocLLM) and llm.trim_every == TRIM_EVERY
-    before = llm.trims
+    sampling = SamplingConfig(max_tokens=2, temperature=0)
     llm.trim_every = 2
     try:
-        for prompt in PROMPTS[:2] * 2:  # one at a time: 4 finished requests, 2 releases
-            loop.run(engine.complete(engine.encode(prompt), SamplingConfig(max_tokens=2, temperature=0)))
+        loop.run(engine.complete(engine.encode(PROMPTS[0]), sampling))  # the count earlier tests left: now 0 or 1
+        before = llm.trims
+        for prompt in PROMPTS:  # one at a time: 4 finished requests, 2 releases
+            loop.run(engine.complete(engine.encode(prompt), sampling))
         assert llm.trims - before == (2 if glibc else 0)
     finally:
         llm.trim_every = TRIM_EVERY

@@ -18,8 +18,9 @@ state and outputs and the caller's thread frees them, a pattern under which the 
 arena keeps growing (this engine alone on the demo model: 386 MB of heap at the start, 1,040 MB
 after 30k requests). Before the thread starts, ``one_malloc_arena`` caps the process at one arena
 (``mallopt(M_ARENA_MAX, 1)``, what ``MALLOC_ARENA_MAX=1`` does), so both threads share it and
-freed memory is reused (the same engine: 613 MB at 30k and at 40k requests). A value the user
-set in ``MALLOC_ARENA_MAX`` is kept.
+freed memory is reused (the same engine: 613 MB at 30k and at 40k requests). Threads that
+allocated before keep their arenas (a job showed 8). A value the user set in ``MALLOC_ARENA_MAX``
+is kept.
 
 A whole job grew on for another reason: vLLM's CPU linear layers build a oneDNN matmul primitive
 (a JIT kernel and its descriptor, about 0.5 MB) per batch size a step meets, and oneDNN's global
@@ -28,6 +29,8 @@ allocated came from there). ``cap_onednn_cache`` lowers that cache to ``ONEDNN_C
 engine builds its first primitive (a user's ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` is kept), and the
 engine thread calls ``malloc_trim(0)`` every ``TRIM_EVERY`` finished requests, so the free pages
 that evicted primitives and finished requests leave inside glibc's heap go back to the OS.
+Measured on that job (5 s samples): RSS 3,359 MiB at 100k rows and 3,330 MiB at 396k; before,
+3,548 and 3,791 MiB (the cap alone: +42 MiB per 100k rows, the trim takes the rest).
 """
 
 from __future__ import annotations

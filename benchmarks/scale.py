@@ -16,6 +16,8 @@ load is recorded with each figure (the machine may be shared). Systems, alternat
 - ``ours_ray``: the same job through the Ray Data executor (1 replica);
 - ``ours_arenas``: ``ours`` with glibc's default malloc arenas (``MALLOC_ARENA_MAX`` 8 per core)
   instead of the one arena the in-process engine asks for: what the memory fix is worth;
+- ``ours_onednn``: ``ours`` with oneDNN's default primitive cache (1,024) instead of the
+  engine's cap (``ONEDNN_CACHE``): what that cap is worth (memory by rows, ``rss_series``);
 - ``raw_vllm_1proc``: raw vLLM ``LLM.generate`` on the same prompts, in one process
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; ``benchmarks/offline.py``'s worker): the throughput peer;
 - ``resume``: ``--resume`` of the finished ``ours`` job.
@@ -182,7 +184,7 @@ def plan_only(a: argparse.Namespace, work: Path) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="100000", help="Comma list of row counts.")
-    p.add_argument("--systems", default="ours,raw_vllm_1proc,resume", help="ours, ours_ray, ours_arenas (glibc's default malloc arenas), raw_vllm_1proc, resume.")
+    p.add_argument("--systems", default="ours,raw_vllm_1proc,resume", help="ours, ours_ray, ours_arenas (glibc's default malloc arenas), ours_onednn (oneDNN's default primitive cache), raw_vllm_1proc, resume.")
     p.add_argument("--ids", choices=["int", "str"], default="int")
     p.add_argument("--model", default="demo")
     p.add_argument("--rounds", type=int, default=1)
@@ -214,6 +216,8 @@ def main() -> None:
                         res = run_ours(a, prompts, out, log, "inline" if system == "ours" else "ray-data", False)
                     elif system == "ours_arenas":  # glibc's default arena count (8 per core), not one
                         res = run_ours(a, prompts, out, log, "inline", False, {"MALLOC_ARENA_MAX": str(8 * (os.cpu_count() or 1))})
+                    elif system == "ours_onednn":  # oneDNN's default primitive cache, not the engine's cap
+                        res = run_ours(a, prompts, out, log, "inline", False, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"})
                     else:
                         res = run_ours(a, prompts, out, log, "inline", True)
                     report["runs"].append({"system": system, "rows": rows, "round": rnd, **res})

@@ -126,6 +126,44 @@ def test_in_process_engine_asks_for_one_malloc_arena(monkeypatch):
     assert one_malloc_arena() is False
 
 
+def test_in_process_engine_caps_onednn_primitive_cache(engine, monkeypatch):
+    """vLLM's CPU kernels keep a oneDNN primitive per batch size; the in-process engine caps
+    oneDNN's cache (set before its first primitive) unless the user chose a capacity."""
+    import os
+
+    from pipeline.engine.inproc import ONEDNN_CACHE, ONEDNN_CACHE_ENV, cap_onednn_cache
+
+    assert engine.in_process and os.environ.get(ONEDNN_CACHE_ENV) == str(ONEDNN_CACHE)
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, "7")
+    assert cap_onednn_cache() is False and os.environ[ONEDNN_CACHE_ENV] == "7"
+    monkeypatch.delenv(ONEDNN_CACHE_ENV)
+    assert cap_onednn_cache() is True and os.environ[ONEDNN_CACHE_ENV] == str(ONEDNN_CACHE)
+
+
+def test_in_process_engine_releases_free_memory_as_requests_finish(engine, loop):
+    """Every ``trim_every`` finished requests the engine thread hands the free pages inside
+    glibc's heaps back to the OS (``malloc_trim``): freed memory of a long job's earlier rows
+    does not stay resident. Counted before the request's output goes out."""
+    import platform
+
+    from pipeline.engine.inproc import TRIM_EVERY, InprocLLM, release_free_memory
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert release_free_memory() is glibc
+    llm = engine._llm
+    assert isinstance(llm, InprocLLM) and llm.trim_every == TRIM_EVERY
+    sampling = SamplingConfig(max_tokens=2, temperature=0)
+    llm.trim_every = 2
+    try:
+        loop.run(engine.complete(engine.encode(PROMPTS[0]), sampling))  # the count earlier tests left: now 0 or 1
+        before = llm.trims
+        for prompt in PROMPTS:  # one at a time: 4 finished requests, 2 releases
+            loop.run(engine.complete(engine.encode(prompt), sampling))
+        assert llm.trims - before == (2 if glibc else 0)
+    finally:
+        llm.trim_every = TRIM_EVERY
+
+
 def test_second_engine_of_a_process_runs_its_core_apart(engine, loop):
     """vLLM's model state is per process: while a job's engine runs in-process, a second engine
     (a mixed Batch file's pooling engine) gets an engine-core process, and both answer at once."""

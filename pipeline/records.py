@@ -92,11 +92,11 @@ def _error_text(exc: BaseException) -> str:
 
 
 async def process_batch(
-    engine: Any, batch: pa.Table, spec: RowSpec, priority: int, limit: Optional[contextlib.AbstractAsyncContextManager] = None
+    engine: Any, batch: pa.Table, spec: RowSpec, priority: int, limit: Optional[asyncio.Semaphore] = None
 ) -> pa.Table:
     """Run every row of ``batch`` concurrently through ``engine``; keep row order and ids.
 
-    ``limit`` bounds how many of these rows run at once (the serving path's batch slots, ``serving.slots``).
+    ``limit`` bounds how many of these rows run at once (the serving path's batch admission).
     """
     from pipeline.engine import EngineFatalError, PromptError
 
@@ -154,7 +154,7 @@ def block_precision(block: pa.Table) -> dict[str, str]:
 
 
 async def _score_row(engine: Any, prompt: Any, base: dict[str, Any], spec: RowSpec, priority: int,
-                     limit: Optional[contextlib.AbstractAsyncContextManager]) -> dict[str, Any]:
+                     limit: Optional[asyncio.Semaphore]) -> dict[str, Any]:
     ids = engine.encode(prompt, check_length=False)  # long texts slide a window instead of failing
     async with limit or contextlib.nullcontext():
         scored = await engine.score(ids, stride=spec.score.stride, score_first_token=spec.score.score_first_token,

@@ -2,6 +2,7 @@
 embeddings, and cancellation."""
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -237,3 +238,12 @@ def test_scoring_shares_the_warm_generation_engine(engine, loop):
         return warm_engine(EngineConfig(model="demo"), task)
 
     assert loop.run(get(Task.score)) is loop.run(get(Task.generate))
+
+
+def test_engine_core_process_gets_passive_omp_waits_unless_set(monkeypatch):
+    from pipeline.engine.args import OMP_WAIT_KEY, passive_omp_waits
+
+    monkeypatch.setenv(OMP_WAIT_KEY, "ACTIVE")
+    assert passive_omp_waits() is False and os.environ[OMP_WAIT_KEY] == "ACTIVE"  # the user's value is kept
+    monkeypatch.delenv(OMP_WAIT_KEY)
+    assert passive_omp_waits() is True and os.environ[OMP_WAIT_KEY] == "PASSIVE"

@@ -34,7 +34,6 @@ from pipeline.records import RowSpec, process_batch
 from pipeline.serving import batch_routes
 from pipeline.serving.batch_runner import runner
 from pipeline.serving.batch_store import BatchStore
-from pipeline.serving.slots import BatchSlots
 
 logger = logging.getLogger(__name__)
 API_KEY_ENV = "GPT2_PIPELINE_API_KEY"
@@ -193,8 +192,7 @@ class LLMServer:
         self.metrics = Metrics(replica)
         self.active = 0
         self.batch_jobs: dict[str, int] = {}
-        self.batch_slots = BatchSlots(cfg.max_batch_in_flight, cfg.idle_batch_in_flight or cfg.engine.max_num_seqs,
-                                      cfg.batch_quiet_s)
+        self._batch_slots: Optional[asyncio.Semaphore] = None
         self._app: Optional[FastAPI] = None
         self._http: Optional[asyncio.Task] = None
         self.batch_store = BatchStore(cfg.batches.storage_uri())
@@ -231,7 +229,8 @@ class LLMServer:
         if self.active >= self.cfg.engine.max_in_flight + self.cfg.max_queued_requests:
             meter.done(429)
             raise APIError(429, "the server is at capacity; retry later", code="queue_full", retry_after=1)
-        self._online(+1)
+        self.active += 1
+        self.metrics.active.set(self.active)
         status = 200
         try:
             yield meter
@@ -242,7 +241,8 @@ class LLMServer:
             status = 500
             raise
         finally:
-            self._online(-1)
+            self.active -= 1
+            self.metrics.active.set(self.active)
             if not meter.streaming:
                 meter.done(status)
 
@@ -251,19 +251,13 @@ class LLMServer:
 
     async def tail(self, events: AsyncIterator[str], meter: Meter) -> AsyncIterator[str]:
         """Keep a stream counted as active until it ends (or the client leaves)."""
-        self._online(+1)
+        self.active += 1
         try:
             async for event in events:
                 yield event
         finally:
-            self._online(-1)
+            self.active -= 1
             meter.done(200)
-
-    def _online(self, change: int) -> None:
-        """Online requests inside this replica: admission, the metric and the batch slots read it."""
-        self.active += change
-        self.metrics.active.set(self.active)
-        self.batch_slots.online_changed(self.active)
 
     # ---- batch jobs through the same replicas (run --via-serve, the Batch API) ----------------
     async def process_batch(self, batch: pa.Table, spec: RowSpec, job_id: str = "") -> pa.Table:
@@ -271,12 +265,12 @@ class LLMServer:
         if engine is None:
             raise RuntimeError("this server has embeddings disabled")
         with self._batch_call(job_id):
-            return await process_batch(engine, batch, spec, PRIORITY_BATCH, limit=self.batch_slots)
+            return await process_batch(engine, batch, spec, PRIORITY_BATCH, limit=self._batch_slots)
 
     async def answer_requests(self, batch: pa.Table, job_id: str = "") -> pa.Table:
         """OpenAI Batch request rows, answered as this replica's endpoints answer them."""
         with self._batch_call(job_id):
-            answers = await BatchAnswerer(self.name, self.engine, self.embedder, limit=self.batch_slots)(batch)
+            answers = await BatchAnswerer(self.name, self.engine, self.embedder, limit=self._batch_slots)(batch)
         ok = answers["status_code"].to_pylist().count(200)
         self.metrics.batch_requests.labels("done").inc(ok)
         self.metrics.batch_requests.labels("failed").inc(answers.num_rows - ok)
@@ -285,6 +279,8 @@ class LLMServer:
     @contextmanager
     def _batch_call(self, job_id: str) -> Iterator[None]:
         """Count a batch call while it runs; the replica's batch slots bound its rows in the engine."""
+        if self._batch_slots is None:
+            self._batch_slots = asyncio.Semaphore(self.cfg.max_batch_in_flight)
         self.batch_jobs[job_id] = self.batch_jobs.get(job_id, 0) + 1
         self.metrics.batch_calls.inc()
         self.metrics.batch_jobs.set(len(self.batch_jobs))

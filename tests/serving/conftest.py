@@ -51,7 +51,7 @@ def server(ray_cluster, batch_storage):
 
     port = free_port()
     cfg = ServeConfig(
-        name=APP, port=port, max_queued_requests=MAX_QUEUED, max_batch_in_flight=4, idle_batch_in_flight=4,
+        name=APP, port=port, max_queued_requests=MAX_QUEUED, max_batch_in_flight=4,
         engine={"model": "demo", "max_in_flight": MAX_IN_FLIGHT},
         batches={"storage": str(batch_storage), "max_file_bytes": 64 * 1024, "batch_size": 8,
                  "completion_windows": ["24h", "1s"]},  # 1s: expiry is reachable in a test

@@ -33,6 +33,21 @@ def test_replica_engine_core_runs_the_model_without_a_worker(client):
     assert not any("VLLM::Worker" in t or "VllmWorker" in t for t in titles), titles
 
 
+def test_replica_engine_core_lets_its_threads_sleep(client):
+    """The replica's engine-core processes start with OMP_WAIT_POLICY=PASSIVE: their OpenMP
+    threads do not spin on the cores the replica's own process needs."""
+    import psutil
+
+    cores = []
+    for proc in psutil.process_iter():
+        try:
+            if "EngineCore" in proc.name() or any("EngineCore" in part for part in proc.cmdline()):
+                cores.append(proc.environ().get("OMP_WAIT_POLICY"))
+        except psutil.Error:
+            continue
+    assert cores and set(cores) == {"PASSIVE"}, cores
+
+
 def test_plain_completion_greedy_is_deterministic(client):
     first = complete(client, max_tokens=8, temperature=0)
     second = complete(client, max_tokens=8, temperature=0)

@@ -69,7 +69,7 @@ def fleet(ray_cluster, tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("replica-death-storage")
     port = free_port()
-    cfg = ServeConfig(name=APP, port=port, ingress="direct", embeddings=False, max_batch_in_flight=4, idle_batch_in_flight=4,
+    cfg = ServeConfig(name=APP, port=port, ingress="direct", embeddings=False, max_batch_in_flight=4,
                       engine={"model": "demo", "replicas": 2}, batches={"storage": str(storage), "batch_size": 8})
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # kept if Serve already runs
     serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}", blocking=False)

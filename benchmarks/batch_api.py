@@ -20,24 +20,21 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
 import openai
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import free_port
 
 
 def request_file(path: Path, n: int, model: str, max_tokens: int) -> Path:
@@ -75,7 +72,6 @@ def ttft_p50(url: str, model: str, rounds: int, streams: int = 8, until: object 
 def vllm_ttft_p50(url: str, args: argparse.Namespace) -> float:
     """TTFT p50 (s) from vLLM's own load generator (``vllm bench serve``'s code) at 8 streams:
     ``8 x --rounds`` random prompts of 32 tokens, 16 output tokens each."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from online_vllm_bench import bench
 
     from pipeline.models import resolve_model
@@ -173,7 +169,7 @@ def main() -> None:
                         "serve_args": args.serve_arg, "load_generator": args.load_generator,
                         "order": "job first" if r % 2 else "batch first",
                         "load_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
-        sides = [lambda: run_batch(args, src, work / f"r{r}"), lambda: run_plain_job(args, src, work / "job")]
+        sides = [partial(run_batch, args, src, work / f"r{r}"), partial(run_plain_job, args, src, work / "job")]
         if args.sides != "both":
             sides = sides[:1] if args.sides == "batch" else sides[1:]
         for side in (sides[::-1] if r % 2 else sides):

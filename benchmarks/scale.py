@@ -41,6 +41,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import free_port
+
 OPENINGS = ["My name is Arthur and I live in", "Hello, I'm a language model,", "The history of the city begins",
             "In a shocking finding, scientists discovered", "Here is a recipe for", "The best way to learn",
             "Once upon a time, in a small village,", "The main problem with modern software is",
@@ -143,9 +147,7 @@ def local_s3(work: Path, src: Path) -> tuple[subprocess.Popen, str]:
 
     import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):

@@ -383,13 +383,14 @@ def start(cfg: ServeConfig, verbose: bool = False) -> tuple[str, Ingress]:
     from pipeline.runtime import init_ray, ray_address
 
     t0 = time.monotonic()
-    cfg = cfg.model_copy(update={"ingress": cfg.resolved_ingress(embedded=ray_address(cfg.address) is None)})
+    embedded = ray_address(cfg.address) is None
+    cfg = cfg.model_copy(update={"ingress": cfg.resolved_ingress(embedded=embedded)})
     init_ray(cfg.address, cfg.num_cpus, verbose)
     t_ray = time.monotonic()
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": cfg.access_log},
                 proxy_location=ProxyLocation.Disabled if cfg.ingress == Ingress.direct else None)
     t_serve = time.monotonic()
-    serve.run(build_app(cfg, embedded=ray_address(cfg.address) is None), name=cfg.name, route_prefix="/", blocking=False)
+    serve.run(build_app(cfg, embedded=embedded), name=cfg.name, route_prefix="/", blocking=False)
     t_ready = time.monotonic()
     logger.warning("serve start-up: ray %.1f s, serve %.1f s, replicas ready %.1f s; total %.1f s",
                    t_ray - t0, t_serve - t_ray, t_ready - t_serve, t_ready - t0)

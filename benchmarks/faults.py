@@ -1,6 +1,8 @@
 """Fault soak for the batch job: a real multi-node local Ray cluster, faults injected mid-job.
 
     python benchmarks/faults.py --rows 96 --faults kill-actor,remove-node
+    python benchmarks/faults.py --rows 1000000 --batch-size 1024 --max-num-seqs 256 --max-tokens 1 \
+        --faults remove-node --at 0.4 --timeout 7200      # the soak at scale: a node lost at 40%
 
 Starts a head and two worker nodes (ray.cluster_utils.Cluster), runs a bulk job with two engine
 replicas, and while it runs: SIGKILLs an engine actor process (and its vLLM engine), then removes
@@ -79,7 +81,10 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--max-num-seqs", type=int, default=0, help="Engine max_num_seqs (default: the batch size).")
     ap.add_argument("--faults", default="kill-actor,remove-node")
+    ap.add_argument("--at", default="", help="Comma list, one per fault: the share of the job's blocks committed "
+                    "before it is injected (default: each fault after the next commit).")
     ap.add_argument("--timeout", type=float, default=900)
     args = ap.parse_args()
 
@@ -94,7 +99,7 @@ def main() -> int:
 
     os.environ.update({k: v for k, v in worker_env().items() if k not in os.environ})
     work = Path(tempfile.mkdtemp(prefix="g2p-faults-"))
-    write_prompt_set(work / "in.parquet", args.rows, seed=1, row_group_size=32)
+    write_prompt_set(work / "in.parquet", args.rows, seed=1, row_group_size=max(32, min(65_536, args.rows // 64)))
     out = work / "out"
     # A removed node is noticed after 5 failed health checks 1 s apart (Ray's default: 3 s apart).
     health = {"health_check_period_ms": 1000, "health_check_timeout_ms": 5000, "health_check_failure_threshold": 5}
@@ -105,7 +110,7 @@ def main() -> int:
                     address=cluster.address,
                     # one block inside each engine at a time: shards commit one by one, so every
                     # fault lands while rows are still in flight
-                    engine={"replicas": 2, "max_num_seqs": args.batch_size},
+                    engine={"replicas": 2, "max_num_seqs": args.max_num_seqs or args.batch_size},
                     sampling={"max_tokens": args.max_tokens, "ignore_eos": True, "seed": 0})
     result: dict = {}
 
@@ -120,9 +125,14 @@ def main() -> int:
     started_wall = time.time() - 1
     thread.start()
     injected = []
-    for fault in [f for f in args.faults.split(",") if f]:
-        before = committed(out)
-        if not wait_for(lambda: committed(out) > before or not thread.is_alive(), args.timeout):
+    faults = [f for f in args.faults.split(",") if f]
+    shares = [float(x) for x in args.at.split(",") if x]
+    if shares and len(shares) != len(faults):
+        raise SystemExit("--at needs one share per fault")
+    blocks = -(-args.rows // args.batch_size)
+    for i, fault in enumerate(faults):
+        target = int(shares[i] * blocks) if shares else committed(out) + 1
+        if not wait_for(lambda: committed(out) >= target or not thread.is_alive(), args.timeout):
             break
         if not thread.is_alive():
             break
@@ -143,17 +153,18 @@ def main() -> int:
             raise SystemExit(f"unknown fault {fault!r}")
     thread.join(args.timeout)
     table = pq.read_table(out) if committed(out) else None
-    ids = table["id"].to_pylist() if table is not None else []
+    rows_out = table.num_rows if table is not None else 0
+    distinct = len(table["id"].unique()) if table is not None else 0
     report = {
-        "rows_in": args.rows, "rows_out": len(ids), "duplicates": len(ids) - len(set(ids)),
-        "lost": args.rows - len(set(ids)), "faults_injected": injected, "wall_s": round(time.monotonic() - started, 1),
+        "rows_in": args.rows, "rows_out": rows_out, "duplicates": rows_out - distinct,
+        "lost": args.rows - distinct, "blocks": blocks, "faults_injected": injected, "wall_s": round(time.monotonic() - started, 1),
         "job_status": result.get("summary", {}).get("status"), "job_error": result.get("error"),
     }
     print(json.dumps(report, indent=2))
     ray.shutdown()
     cluster.shutdown()
     reap_orphans(started_wall)
-    ok = report["duplicates"] == 0 and report["lost"] == 0 and len(injected) == len(args.faults.split(","))
+    ok = report["duplicates"] == 0 and report["lost"] == 0 and len(injected) == len(faults)
     return 0 if ok else 1
 
 

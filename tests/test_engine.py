@@ -130,7 +130,7 @@ def test_in_process_engine_asks_for_one_malloc_arena(monkeypatch):
 def test_in_process_engine_caps_onednn_primitive_cache(engine, monkeypatch):
     """vLLM's CPU kernels keep a oneDNN primitive per batch size; the in-process engine caps
     oneDNN's cache (set before its first primitive) unless the user chose a capacity."""
-    from pipeline.engine.inproc import ONEDNN_CACHE, ONEDNN_CACHE_ENV, cap_onednn_cache
+    from pipeline.engine.args import ONEDNN_CACHE, ONEDNN_CACHE_ENV, cap_onednn_cache
 
     assert engine.in_process and os.environ.get(ONEDNN_CACHE_ENV) == str(ONEDNN_CACHE)
     monkeypatch.setenv(ONEDNN_CACHE_ENV, "7")

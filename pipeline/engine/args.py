@@ -96,6 +96,23 @@ def passive_omp_waits() -> bool:
     return True
 
 
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE = 128  # oneDNN primitives kept (its default 1,024: about 0.5 MB each here)
+
+
+def cap_onednn_cache() -> bool:
+    """Keep at most ``ONEDNN_CACHE`` compiled oneDNN primitives (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
+    read by vLLM's CPU kernels when they build their first one). vLLM's CPU linear layers build a
+    matmul primitive per batch size (tokens in a step) and keep 32 per layer themselves; oneDNN's
+    own cache keeps 1,024 more by default, each with its JIT kernel, so a job's memory grows with
+    every new batch size it meets until 1,024 are kept (about 0.5 GB). False if the user set it. Set before an engine starts: the in-process engine's
+    own process, or a replica's engine-core process, which inherits it."""
+    if os.environ.get(ONEDNN_CACHE_ENV):
+        return False
+    os.environ[ONEDNN_CACHE_ENV] = str(ONEDNN_CACHE)
+    return True
+
+
 _MP_KEY = "VLLM_ENABLE_V1_MULTIPROCESSING"
 _ENV_LOCK = threading.Lock()
 _starting = 0  # engines being built with the switch on (serve starts two side by side)

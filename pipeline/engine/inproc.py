@@ -46,6 +46,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from pipeline.engine.args import cap_onednn_cache
+
 logger = logging.getLogger(__name__)
 Put = Callable[[Any], None]
 
@@ -66,8 +68,6 @@ class _Abort:
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter
 TRIM_EVERY = 4096  # finished requests between two ``release_free_memory`` calls of the engine thread
-ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
-ONEDNN_CACHE = 128  # oneDNN primitives kept (its default 1,024: about 0.5 MB each here)
 
 
 def one_malloc_arena() -> bool:
@@ -79,18 +79,6 @@ def one_malloc_arena() -> bool:
         return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1))  # the process's own libc
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         return False
-
-
-def cap_onednn_cache() -> bool:
-    """Keep at most ``ONEDNN_CACHE`` compiled oneDNN primitives (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
-    read by vLLM's CPU kernels when they build their first one). vLLM's CPU linear layers build a
-    matmul primitive per batch size (tokens in a step) and keep 32 per layer themselves; oneDNN's
-    own cache keeps 1,024 more by default, each with its JIT kernel, so a job's memory grows with
-    every new batch size it meets until 1,024 are kept (about 0.5 GB). False if the user set it."""
-    if os.environ.get(ONEDNN_CACHE_ENV):
-        return False
-    os.environ[ONEDNN_CACHE_ENV] = str(ONEDNN_CACHE)
-    return True
 
 
 def release_free_memory() -> bool:

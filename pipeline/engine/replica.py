@@ -19,7 +19,9 @@ from contextlib import aclosing
 from typing import Any, Optional
 
 from pipeline.config import EngineConfig, SamplingConfig, Task
-from pipeline.engine.args import engine_args, model_in_engine_core, one_cpu_worker, passive_omp_waits
+from pipeline.engine.args import (
+    cap_onednn_cache, engine_args, model_in_engine_core, one_cpu_worker, passive_omp_waits,
+)
 from pipeline.engine.decoding import beam_search, best_of, check_job_sampling, check_sampling, sampling_params
 from pipeline.engine.precision import resolve_dtype
 from pipeline.outputs import (
@@ -71,6 +73,7 @@ class Engine:
                     from vllm.v1.engine.async_llm import AsyncLLM
 
                     passive_omp_waits()
+                    cap_onednn_cache()
                     self._llm = AsyncLLM.from_engine_args(args)
         except BaseException:
             if self.in_process:

@@ -34,18 +34,22 @@ def test_replica_engine_core_runs_the_model_without_a_worker(client):
 
 
 def test_replica_engine_core_lets_its_threads_sleep(client):
-    """The replica's engine-core processes start with OMP_WAIT_POLICY=PASSIVE: their OpenMP
-    threads do not spin on the cores the replica's own process needs."""
+    """The replica's engine-core processes start with OMP_WAIT_POLICY=PASSIVE (their OpenMP
+    threads do not spin on the cores the replica's own process needs) and with oneDNN's primitive
+    cache capped, as the in-process engine's (its memory does not grow with every batch size)."""
     import psutil
+
+    from pipeline.engine.args import ONEDNN_CACHE, ONEDNN_CACHE_ENV
 
     cores = []
     for proc in psutil.process_iter():
         try:
             if "EngineCore" in proc.name() or any("EngineCore" in part for part in proc.cmdline()):
-                cores.append(proc.environ().get("OMP_WAIT_POLICY"))
+                env = proc.environ()
+                cores.append((env.get("OMP_WAIT_POLICY"), env.get(ONEDNN_CACHE_ENV)))
         except psutil.Error:
             continue
-    assert cores and set(cores) == {"PASSIVE"}, cores
+    assert cores and set(cores) == {("PASSIVE", str(ONEDNN_CACHE))}, cores
 
 
 def test_plain_completion_greedy_is_deterministic(client):

@@ -2,7 +2,7 @@
 
     python benchmarks/faults.py --rows 96 --faults kill-actor,remove-node
     python benchmarks/faults.py --rows 1000000 --batch-size 1024 --max-num-seqs 256 --max-tokens 1 \
-        --faults remove-node --at 0.4 --timeout 7200      # the soak at scale: a node lost at 40%
+        --prompt-words 0 --faults kill-actor,remove-node --at 0.2,0.5 --timeout 7200   # at scale
 
 Starts a head and two worker nodes (ray.cluster_utils.Cluster), runs a bulk job with two engine
 replicas, and while it runs: SIGKILLs an engine actor process (and its vLLM engine), then removes
@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--max-num-seqs", type=int, default=0, help="Engine max_num_seqs (default: the batch size).")
+    ap.add_argument("--prompt-words", type=float, default=24.0, help="Mean words after each prompt's opening (0: short prompts).")
     ap.add_argument("--faults", default="kill-actor,remove-node")
     ap.add_argument("--at", default="", help="Comma list, one per fault: the share of the job's blocks committed "
                     "before it is injected (default: each fault after the next commit).")
@@ -99,7 +100,8 @@ def main() -> int:
 
     os.environ.update({k: v for k, v in worker_env().items() if k not in os.environ})
     work = Path(tempfile.mkdtemp(prefix="g2p-faults-"))
-    write_prompt_set(work / "in.parquet", args.rows, seed=1, row_group_size=max(32, min(65_536, args.rows // 64)))
+    write_prompt_set(work / "in.parquet", args.rows, seed=1, row_group_size=max(32, min(65_536, args.rows // 64)),
+                     mean_words=args.prompt_words)
     out = work / "out"
     # A removed node is noticed after 5 failed health checks 1 s apart (Ray's default: 3 s apart).
     health = {"health_check_period_ms": 1000, "health_check_timeout_ms": 5000, "health_check_failure_threshold": 5}
@@ -141,14 +143,16 @@ def main() -> int:
             if victims:
                 kill_tree(victims[0])
                 injected.append({"fault": fault, "pid": victims[0].pid, "after_shards": committed(out)})
-        elif fault == "remove-node":
-            for node in workers:
-                raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-                if engine_processes(raylet):
-                    cluster.remove_node(node, allow_graceful=False)
-                    workers.remove(node)
-                    injected.append({"fault": fault, "node": node.node_id, "after_shards": committed(out)})
-                    break
+        elif fault == "remove-node":  # a worker node that hosts an engine (a restarted one may be elsewhere a while)
+            def hosting() -> list:
+                return [n for n in workers
+                        if engine_processes(psutil.Process(n.all_processes["raylet"][0].process.pid))]
+
+            if wait_for(lambda: bool(hosting()) or not thread.is_alive(), args.timeout) and thread.is_alive():
+                node = hosting()[0]
+                cluster.remove_node(node, allow_graceful=False)
+                workers.remove(node)
+                injected.append({"fault": fault, "node": node.node_id, "after_shards": committed(out)})
         else:
             raise SystemExit(f"unknown fault {fault!r}")
     thread.join(args.timeout)

@@ -152,6 +152,7 @@ def run_job(
     )
     meta = {io.METADATA_KEY: _json({"job": fingerprint, "model": job.engine.model, "versions": versions()})}
     executor = job.resolved_executor(embedded=ray_address(job.address) is None)
+    job, compiled = _compile_choice(job, plan.total_rows)
     batch_urls = _batch_urls(plan)
     # A fresh job's inline engine comes up while the input is read; a resumed one only if rows remain.
     runner = _start_inline(job, spec, clock, batch_urls) if executor == Executor.inline and not job.resume else None
@@ -200,6 +201,8 @@ def run_job(
     summary.tokens_per_s = round(produced / summary.wall_time_s, 1) if summary.wall_time_s > 0 else 0.0
     summary.executor, summary.phases, summary.versions = executor.value, clock.phases(), versions()
     summary.dtype, summary.dtype_reason = precision.get("dtype", ""), precision.get("dtype_reason", "")
+    if compiled is not None:
+        summary.compiled, summary.compile_reason = not compiled.enforce_eager, compiled.reason
     io.write_json(fs, folder, io.SUMMARY_FILE, summary.to_dict())
     if summary.status == "succeeded" and job.writes_openai_batch:
         from pipeline.openai_batch import write_results
@@ -210,6 +213,20 @@ def run_job(
         compact.remove_staging(fs, folder)
         io.remove_staged_input(fs, folder)  # a **/*.parquet glob over the output finds the output only
     return summary
+
+
+def _compile_choice(job: JobConfig, rows: int) -> tuple[JobConfig, Any]:
+    """A generation job's engines: compiled or eager by the job's size (``engine/compiled.py``);
+    the choice is fixed in the job's engine config, which every executor hands its engines."""
+    if job.via_serve is not None or job.task != Task.generate:
+        return job, None
+    from pipeline.engine.compiled import job_compile
+    from pipeline.models import resolve_model
+
+    samples = max(job.sampling.n, job.sampling.best_of or 1)
+    folder = resolve_model(job.engine.model, job.engine.revision, job.engine.offline)
+    choice = job_compile(job.engine, folder, rows * job.sampling.max_tokens * samples)
+    return job.model_copy(update={"engine": job.engine.model_copy(update={"enforce_eager": choice.enforce_eager})}), choice
 
 
 def _seal(compactor: compact.Compactor) -> None:

@@ -109,7 +109,7 @@ class EngineConfig(_Strict):
     gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0, description="GPU share of the generation engine (default 0.80 beside a pooling engine, 0.90 alone); CPU: 0.3.")
     embed_gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0, description="GPU share of the pooling engine (default 0.10 beside a generation engine, 0.90 alone).")
     kv_cache_gib: Optional[float] = Field(None, gt=0.0, description="CPU only: KV-cache size (default 2 GiB).")
-    enforce_eager: Optional[bool] = Field(None, description="Skip graph capture (default: on for CPU).")
+    enforce_eager: Optional[bool] = Field(None, description="Run the model eagerly, not compiled / CUDA graphs. Default: a CPU job compiles when it is big enough to pay for the compile (tokens x parameters, engine/compiled.py), else eager; serve on a CPU: eager; GPU: CUDA graphs.")
     enable_prefix_caching: bool = True
     replicas: int = Field(1, ge=1, le=1024, description="Engine replicas (actors).")
     gpus_per_replica: float = Field(0.0, ge=0.0, description="GPUs Ray gives one replica (its num_gpus); 0 on CPU machines, <1 shares a GPU, >1 needs tensor_parallel_size equal to it.")

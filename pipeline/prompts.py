@@ -32,8 +32,10 @@ def make_prompts(rows: int, seed: int = 0, mean_words: float = 24.0) -> list[str
     return out
 
 
-def write_prompt_set(path: Path | str, rows: int, seed: int = 0, row_group_size: int = 4096) -> None:
-    prompts = make_prompts(rows, seed)
+def write_prompt_set(path: Path | str, rows: int, seed: int = 0, row_group_size: int = 4096,
+                     mean_words: float = 24.0) -> None:
+    """``rows`` prompts (``make_prompts``; ``mean_words`` 0: the sentence openings alone) with ids 0..rows-1."""
+    prompts = make_prompts(rows, seed, mean_words)
     table = pa.table({"id": pa.array(range(rows), pa.int64()), "prompt": prompts})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, str(path), row_group_size=row_group_size)

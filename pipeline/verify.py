@@ -41,6 +41,8 @@ class Summary:
     executor: str = ""  # inline (driver process) or ray-data
     dtype: str = ""  # what the engines ran in (empty when no block ran), and why
     dtype_reason: str = ""
+    compiled: Optional[bool] = None  # a CPU job's engines compiled the model (not eager), and why
+    compile_reason: str = ""
     phases: dict[str, Optional[float]] = field(default_factory=dict)  # seconds from the job's start
     versions: dict[str, str] = field(default_factory=dict)
 

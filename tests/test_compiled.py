@@ -1,0 +1,64 @@
+"""Compiled or eager: a CPU job compiles its engines when it is big enough to pay for the compile,
+and vLLM's compiled graphs are kept beside the model cache."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+
+from pipeline.config import EngineConfig, JobConfig
+from pipeline.engine.compiled import (
+    CACHE_ENV, COMPILE_MIN_WORK, CompileChoice, choose_compile, compile_cache_env, job_compile, model_shape,
+)
+from pipeline.models import cache_dir, resolve_model
+
+GPT2_SMALL = 124_318_464
+
+
+def test_big_jobs_compile_small_ones_and_tiny_models_stay_eager():
+    config = EngineConfig(model="gpt2-small-random")
+    enough = int(COMPILE_MIN_WORK / GPT2_SMALL) + 1
+    assert choose_compile(config, enough, GPT2_SMALL, 768).enforce_eager is False  # about 110k tokens
+    assert choose_compile(config, 256 * 64, GPT2_SMALL, 768).enforce_eager is True  # the 256 x 64 job
+    assert choose_compile(config, 3000 * 64, GPT2_SMALL, 768).enforce_eager is False
+    tiny = choose_compile(config, 10**9, 6_957_184, 128)
+    assert tiny.enforce_eager is True and "hidden size 128" in tiny.reason
+    for value in (True, False):  # an explicit setting wins
+        assert choose_compile(EngineConfig(enforce_eager=value), 10**9, GPT2_SMALL, 768) == CompileChoice(value, "requested")
+
+
+def test_gpu_replicas_keep_vllms_cuda_graphs():
+    choice = job_compile(EngineConfig(model="demo", gpus_per_replica=1), resolve_model("demo"), 10)
+    assert choice.enforce_eager is False and "GPU" in choice.reason
+
+
+def test_model_shape_counts_gpt2_small():
+    params, hidden = model_shape(resolve_model("gpt2-small-random"))
+    assert hidden == 768 and abs(params - 124_439_808) / 124_439_808 < 0.01  # GPT-2 124M
+
+
+def test_compile_cache_sits_beside_the_model_cache(monkeypatch):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert compile_cache_env() is True and os.environ[CACHE_ENV] == str(cache_dir().parent / "vllm")
+    monkeypatch.setenv(CACHE_ENV, "/somewhere")
+    assert compile_cache_env() is False and os.environ[CACHE_ENV] == "/somewhere"
+
+
+def test_a_compiled_job_runs_and_says_so(tmp_path, monkeypatch):
+    """A real job with compiled engines (asked for: demo is too small for auto to compile): rows out,
+    the summary says compiled, and vLLM's compile cache is written beside the model cache."""
+    from pipeline.batch import run_job
+    from pipeline.prompts import write_prompt_set
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    write_prompt_set(tmp_path / "in.parquet", 24, seed=3)
+    job = JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), executor="inline",
+                    engine={"model": "demo", "enforce_eager": False}, sampling={"max_tokens": 4, "temperature": 0})
+    summary = run_job(job)
+    assert summary.status == "succeeded" and summary.rows_out == 24 and summary.compiled is True
+    assert summary.compile_reason == "requested"
+    saved = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert saved["compiled"] is True
+    assert pq.read_table(tmp_path / "out")["completion_tokens"].to_pylist() == [4] * 24
+    assert os.environ[CACHE_ENV] == str(cache_dir().parent / "vllm")
+    assert any((cache_dir().parent / "vllm").rglob("*")), "no compiled graphs cached"

@@ -39,6 +39,11 @@ def engine_processes(root: psutil.Process | None = None) -> list[psutil.Process]
     return [p for p in out if (p.cmdline() or [""])[0].startswith("ray::")]
 
 
+def engines_on(node) -> list[psutil.Process]:
+    """The engine actor processes a node of a ``ray.cluster_utils.Cluster`` hosts (under its raylet)."""
+    return engine_processes(psutil.Process(node.all_processes["raylet"][0].process.pid))
+
+
 def kill_tree(proc: psutil.Process) -> None:
     for p in [*proc.children(recursive=True), proc]:
         try:
@@ -138,15 +143,14 @@ def main() -> int:
             break
         if not thread.is_alive():
             break
-        if fault == "kill-actor":
-            victims = engine_processes()
+        if fault == "kill-actor":  # an engine of this run's cluster (not of another run on the machine)
+            victims = [v for n in [cluster.head_node, *workers] for v in engines_on(n)]
             if victims:
                 kill_tree(victims[0])
                 injected.append({"fault": fault, "pid": victims[0].pid, "after_shards": committed(out)})
         elif fault == "remove-node":  # a worker node that hosts an engine (a restarted one may be elsewhere a while)
             def hosting() -> list:
-                return [n for n in workers
-                        if engine_processes(psutil.Process(n.all_processes["raylet"][0].process.pid))]
+                return [n for n in workers if engines_on(n)]
 
             if wait_for(lambda: bool(hosting()) or not thread.is_alive(), args.timeout) and thread.is_alive():
                 node = hosting()[0]

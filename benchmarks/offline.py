@@ -29,14 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 from _common import read_prompts, sampling_kwargs  # noqa: E402,F401 - importers of this module use them
 
-SYSTEMS = ("ours", "raw_vllm", "raw_vllm_1proc", "raw_vllm_defaults", "ray_data_llm", "hf_transformers", "ct2_int8",
+SYSTEMS = ("ours", "ours_eager", "ours_compiled", "raw_vllm", "raw_vllm_1proc", "raw_vllm_defaults", "ray_data_llm", "hf_transformers", "ct2_int8",
            "ct2_float32")
-LABELS = {"ours": "ours (gpt2-pipeline run)", "raw_vllm": "raw vLLM LLM.generate",
+LABELS = {"ours": "ours (gpt2-pipeline run)", "ours_eager": "ours, --eager", "ours_compiled": "ours, --no-eager (compiled)",
+          "raw_vllm": "raw vLLM LLM.generate",
           "raw_vllm_1proc": "raw vLLM LLM.generate, VLLM_ENABLE_V1_MULTIPROCESSING=0 (one process, our engine settings)",
           "raw_vllm_defaults": "raw vLLM LLM.generate, one process, vLLM's defaults",
           "ray_data_llm": "Ray Data LLM", "hf_transformers": "HF transformers generate",
           "ct2_int8": "CTranslate2 int8", "ct2_float32": "CTranslate2 float32"}
-SHORT = {"ours": "ours", "raw_vllm": "raw vLLM", "raw_vllm_1proc": "raw vLLM 1proc ours", "ray_data_llm": "Ray Data LLM",
+SHORT = {"ours": "ours", "ours_eager": "ours eager", "ours_compiled": "ours compiled", "raw_vllm": "raw vLLM", "raw_vllm_1proc": "raw vLLM 1proc ours", "ray_data_llm": "Ray Data LLM",
          "raw_vllm_defaults": "raw vLLM 1proc defaults", "hf_transformers": "HF generate", "ct2_int8": "CT2 int8",
          "ct2_float32": "CT2 float32"}
 
@@ -44,12 +45,18 @@ SHORT = {"ours": "ours", "raw_vllm": "raw vLLM", "raw_vllm_1proc": "raw vLLM 1pr
 # ================================================================================================
 # What both the driver and the workers need
 # ================================================================================================
-def engine_kwargs(model: str, dtype: str = "auto") -> dict[str, Any]:
-    """Exactly the vLLM engine arguments our engine uses (read back from ``engine_args``)."""
+def engine_kwargs(model: str, dtype: str = "auto", job_tokens: int = 0) -> dict[str, Any]:
+    """Exactly the vLLM engine arguments our engine uses (read back from ``engine_args``); with
+    ``job_tokens``, compiled or eager as our job of that many tokens would be."""
     from pipeline.config import EngineConfig, Task
     from pipeline.engine import engine_args
+    from pipeline.engine.compiled import job_compile
+    from pipeline.models import resolve_model
 
-    args = engine_args(EngineConfig(model=model, dtype=dtype), Task.generate, False)
+    config = EngineConfig(model=model, dtype=dtype)
+    if job_tokens:
+        config = config.model_copy(update={"enforce_eager": job_compile(config, resolve_model(model), job_tokens).enforce_eager})
+    args = engine_args(config, Task.generate, False)
     keys = ("model", "served_model_name", "dtype", "max_model_len", "max_num_seqs", "tensor_parallel_size",
             "enable_prefix_caching", "enforce_eager", "gpu_memory_utilization", "disable_log_stats", "seed",
             "enable_chunked_prefill", "kv_cache_memory_bytes")
@@ -117,8 +124,8 @@ def worker_raw(a: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     from vllm import LLM, SamplingParams
 
-    kwargs = engine_kwargs(a.model, a.dtype)
     prompts = read_prompts(a.prompts)
+    kwargs = engine_kwargs(a.model, a.dtype, len(prompts) * a.max_tokens)  # compiled or eager as our job
     t0 = time.monotonic()
     llm = LLM(**kwargs)
     t_ready = time.monotonic()
@@ -282,18 +289,21 @@ def _cli() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "pipeline"]
 
 
-def run_ours(a: argparse.Namespace, prompts: Path, work: Path, rows: int, replicas: int, tag: str) -> dict[str, Any]:
+def run_ours(a: argparse.Namespace, prompts: Path, work: Path, rows: int, replicas: int, tag: str,
+             system: str = "ours") -> dict[str, Any]:
+    """``gpt2-pipeline run`` (``ours_eager`` / ``ours_compiled``: with --eager / --no-eager)."""
     from _common import run_monitored
 
-    out = work / f"out-ours-{tag}"
+    out = work / f"out-{system}-{tag}"
     cmd = _cli() + ["run", "--input", str(prompts), "--output", str(out), "--model", a.model,
                     "--max-tokens", str(a.max_tokens), "--temperature", str(a.temperature), "--ignore-eos",
                     "--top-p", str(a.top_p), "--top-k", str(a.top_k), "--overwrite", "--replicas", str(replicas), "--batch-size", str(a.batch_size),
                     "--num-cpus", str(a.num_cpus), "--dtype", a.dtype]
     if a.gpus_per_replica:
         cmd += ["--gpus-per-replica", str(a.gpus_per_replica)]
-    run = run_monitored(cmd, work / f"log-ours-{tag}.txt", a.timeout, interval=a.sample_interval)
-    res: dict[str, Any] = {"system": "ours", "rows_in": rows, "replicas": replicas, "command": " ".join(cmd),
+    cmd += {"ours_eager": ["--eager"], "ours_compiled": ["--no-eager"]}.get(system, [])
+    run = run_monitored(cmd, work / f"log-{system}-{tag}.txt", a.timeout, interval=a.sample_interval)
+    res: dict[str, Any] = {"system": system, "rows_in": rows, "replicas": replicas, "command": " ".join(cmd),
                            "wall_s": run.wall_s, "returncode": run.returncode, "memory": run.tree,
                            "leftover_processes_killed": run.leftovers_killed}
     summary_path = out / "_summary.json"
@@ -310,7 +320,8 @@ def run_ours(a: argparse.Namespace, prompts: Path, work: Path, rows: int, replic
     res.update(status="ok", rows_out=summary["rows_out"], completion_tokens=summary["completion_tokens"],
                prompt_tokens=summary["prompt_tokens"], error_rows=summary["error_rows"],
                job_wall_s=summary["wall_time_s"], steady_tokens_per_s=st["steady_tokens_per_s"],
-               shards=len(files), dtype=summary.get("dtype"), dtype_reason=summary.get("dtype_reason"))
+               shards=len(files), dtype=summary.get("dtype"), dtype_reason=summary.get("dtype_reason"),
+               compiled=summary.get("compiled"), compile_reason=summary.get("compile_reason"))
     phases = summary.get("phases") or {}
     if phases.get("engine_ready") is not None and phases.get("last_shard"):
         # generation measured like raw vLLM's: from the engine being ready to the last output
@@ -475,7 +486,7 @@ def main_compare(a: argparse.Namespace, work: Path) -> None:
         "benchmark": "offline", "model": a.model, "rows": a.rows, "hf_rows": a.hf_rows or a.rows,
         "max_tokens": a.max_tokens, "temperature": a.temperature, "ignore_eos": True, "top_p": a.top_p, "top_k": a.top_k,
         "replicas": a.replicas, "gpus_per_replica": a.gpus_per_replica, "batch_size": a.batch_size, "ray_num_cpus": a.num_cpus,
-        "engine_kwargs": {k: str(v) for k, v in engine_kwargs(a.model, a.dtype).items()},
+        "engine_kwargs": {k: str(v) for k, v in engine_kwargs(a.model, a.dtype, a.rows * a.max_tokens).items()},
         "sampling": sampling_kwargs(a.max_tokens, a.temperature, a.top_p, a.top_k), "machine": machine(), "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "foreign_ray_warning": warn_foreign_ray(),
     }
@@ -492,8 +503,8 @@ def main_compare(a: argparse.Namespace, work: Path) -> None:
             load_before = [round(x, 2) for x in os.getloadavg()]
             print(f"[{time.strftime('%H:%M:%S')}] load {load_before[0]:.1f}, running {system}{f' (round {rep + 1}/{a.repeat})' if a.repeat > 1 else ''}"
                   f" - machine CPU {idle['cpu_percent_at_start']}% after waiting {idle['waited_s']}s ...", flush=True)
-            if system == "ours":
-                r = run_ours(a, prompts, work, a.rows, a.replicas, "compare")
+            if system.startswith("ours"):
+                r = run_ours(a, prompts, work, a.rows, a.replicas, "compare", system)
                 r.pop("_mtimes", None)
             else:
                 r = run_worker(a, system, prompts, work)

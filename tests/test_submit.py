@@ -259,12 +259,12 @@ def test_entrypoint_and_runtime_env(tmp_path, tmp_path_factory, monkeypatch):
     from pipeline.config import Dedupe
 
     flags = {"output": "s3://b/o", "overwrite": True, "resume": None, "force": False, "max_tokens": 8, "replicas": 2,
-             "stop": ["\n", "END"], "ignore_eos": False, "dedupe": Dedupe.first, "passthrough": []}
+             "stop": ["\n", "END"], "ignore_eos": False, "dedupe": Dedupe.first, "passthrough": [], "eager": False}
     assert run_args(flags) == ["--output", "s3://b/o", "--overwrite", "--max-tokens", "8", "--replicas", "2",
-                               "--stop", "\n", "--stop", "END", "--no-ignore-eos", "--dedupe", "first"]
+                               "--stop", "\n", "--stop", "END", "--no-ignore-eos", "--dedupe", "first", "--no-eager"]
     assert job_overrides(flags) == {"output": "s3://b/o", "overwrite": True, "force": False, "dedupe": "first",
                                     "sampling": {"max_tokens": 8, "stop": ["\n", "END"], "ignore_eos": False},
-                                    "engine": {"replicas": 2}}
+                                    "engine": {"replicas": 2, "enforce_eager": False}}
     _, workdir, rel, warnings = sub.prepare(ROOT / SPEC, {"output": "s3://b/o"})
     assert (workdir, rel, warnings) == (ROOT, SPEC, [])
     _, _, _, warnings = sub.prepare(ROOT / SPEC, {})

@@ -100,6 +100,9 @@ JOB_FLAGS: dict[str, JobFlag] = {
     "tensor_parallel_size": JobFlag(("engine", "tensor_parallel_size"), TensorParallel),
     "dtype": JobFlag(("engine", "dtype"), DtypeOpt),
     "max_model_len": JobFlag(("engine", "max_model_len"), MaxModelLen),
+    "eager": JobFlag(("engine", "enforce_eager"), Annotated[Optional[bool], _opt(
+        "Run the model eagerly (--eager) or compiled (--no-eager). Default on a CPU: compiled when the job is "
+        "big enough to pay for the compile, else eager; GPU: CUDA graphs.", "--eager/--no-eager")]),
     "offline": JobFlag(("engine", "offline"), Offline, switch=True),
     "address": JobFlag(("address",), Address),
     "num_cpus": JobFlag(("num_cpus",), NumCpus),

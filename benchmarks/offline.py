@@ -3,6 +3,8 @@
     python benchmarks/offline.py --model demo --rows 512 --max-tokens 64
     python benchmarks/offline.py --model gpt2-small-random --rows 512 --max-tokens 64 --hf-rows 64
     python benchmarks/offline.py --model demo --scaling            # 1k vs 20k prompts, 1 vs 2 replicas
+    python benchmarks/offline.py --model gpt2-small-random --systems ours,ort_float32,ort_int8 --temperature 0 \
+        --ort-python /work/venvs/ort/bin/python                     # ONNX Runtime peers: see peer_ort.py
 
 Same model, same prompts (one Parquet set), same sampling (temperature 1.0, no top_p, ignore_eos,
 fixed max_tokens, so every system does exactly rows x max_tokens decode steps), same engine
@@ -26,20 +28,22 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peer_ort  # noqa: E402
 import peers  # noqa: E402
 from _common import read_prompts, sampling_kwargs  # noqa: E402,F401 - importers of this module use them
 
-SYSTEMS = ("ours", "ours_eager", "ours_compiled", "raw_vllm", "raw_vllm_1proc", "raw_vllm_defaults", "ray_data_llm", "hf_transformers", "ct2_int8",
-           "ct2_float32")
+SYSTEMS = ("ours", "ours_eager", "ours_compiled", "raw_vllm", "raw_vllm_1proc", "raw_vllm_defaults", "ray_data_llm",
+           "hf_transformers", "ct2_int8", "ct2_float32") + peer_ort.SYSTEMS
 LABELS = {"ours": "ours (gpt2-pipeline run)", "ours_eager": "ours, --eager", "ours_compiled": "ours, --no-eager (compiled)",
           "raw_vllm": "raw vLLM LLM.generate",
           "raw_vllm_1proc": "raw vLLM LLM.generate, VLLM_ENABLE_V1_MULTIPROCESSING=0 (one process, our engine settings)",
           "raw_vllm_defaults": "raw vLLM LLM.generate, one process, vLLM's defaults",
           "ray_data_llm": "Ray Data LLM", "hf_transformers": "HF transformers generate",
-          "ct2_int8": "CTranslate2 int8", "ct2_float32": "CTranslate2 float32"}
-SHORT = {"ours": "ours", "ours_eager": "ours eager", "ours_compiled": "ours compiled", "raw_vllm": "raw vLLM", "raw_vllm_1proc": "raw vLLM 1proc ours", "ray_data_llm": "Ray Data LLM",
+          "ct2_int8": "CTranslate2 int8", "ct2_float32": "CTranslate2 float32", **peer_ort.LABELS}
+SHORT = {"ours": "ours", "ours_eager": "ours eager", "ours_compiled": "ours compiled", "raw_vllm": "raw vLLM",
+         "raw_vllm_1proc": "raw vLLM 1proc ours", "ray_data_llm": "Ray Data LLM",
          "raw_vllm_defaults": "raw vLLM 1proc defaults", "hf_transformers": "HF generate", "ct2_int8": "CT2 int8",
-         "ct2_float32": "CT2 float32"}
+         "ct2_float32": "CT2 float32", **peer_ort.SHORT}
 
 
 # ================================================================================================
@@ -347,18 +351,18 @@ def run_worker(a: argparse.Namespace, system: str, prompts: Path, work: Path) ->
 
     result_file = work / f"result-{system}.json"
     result_file.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--result", str(result_file),
-           "--prompts", str(prompts), "--output", str(work / f"out-{system}"), "--model", a.model,
-           "--max-tokens", str(a.max_tokens), "--temperature", str(a.temperature), "--replicas", str(a.replicas),
-           "--top-p", str(a.top_p), "--top-k", str(a.top_k),
-           "--batch-size", str(a.batch_size), "--num-cpus", str(a.num_cpus), "--hf-batch-size", str(a.hf_batch_size),
-           "--gpus-per-replica", str(a.gpus_per_replica), "--ct2-batch-size", str(a.ct2_batch_size), "--dtype", a.dtype]
-    if a.ct2_site:
-        cmd += ["--ct2-site", a.ct2_site]
-    if a.hf_rows:
-        cmd += ["--hf-rows", str(a.hf_rows)]
-    if a.verbose:
-        cmd += ["--verbose"]
+    if system in peer_ort.SYSTEMS:  # the ORT venv's python: neither vLLM nor this project there
+        cmd = peer_ort.command(a, system, prompts, result_file, work)
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--result", str(result_file),
+               "--prompts", str(prompts), "--output", str(work / f"out-{system}"), "--model", a.model,
+               "--max-tokens", str(a.max_tokens), "--temperature", str(a.temperature), "--replicas", str(a.replicas),
+               "--top-p", str(a.top_p), "--top-k", str(a.top_k),
+               "--batch-size", str(a.batch_size), "--num-cpus", str(a.num_cpus), "--hf-batch-size", str(a.hf_batch_size),
+               "--gpus-per-replica", str(a.gpus_per_replica), "--ct2-batch-size", str(a.ct2_batch_size), "--dtype", a.dtype]
+        cmd += ["--ct2-site", a.ct2_site] if a.ct2_site else []
+        cmd += ["--hf-rows", str(a.hf_rows)] if a.hf_rows else []
+        cmd += ["--verbose"] if a.verbose else []
     run = run_monitored(cmd, work / f"log-{system}.txt", a.timeout, interval=a.sample_interval)
     res: dict[str, Any] = {"system": system, "wall_s": run.wall_s, "returncode": run.returncode, "memory": run.tree,
                            "leftover_processes_killed": run.leftovers_killed, "replicas": a.replicas}
@@ -491,7 +495,7 @@ def main_compare(a: argparse.Namespace, work: Path) -> None:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "foreign_ray_warning": warn_foreign_ray(),
     }
     if not a.no_bound:
-        meta["matmul_bound"] = bound = measure_bound(a)
+        meta["matmul_bound"] = bound = peers.measure_bound(a.model, a.rows)
         print(f"matmul bound here ({bound.get('threads')} threads, {bound.get('rows')} rows, "
               f"{bound.get('gflop_per_token', 0):.3f} GFLOP/token): " + ", ".join(
                   f"{d} {bound[d]['gflops']:,.0f} GFLOPS = {bound[d]['bound_tokens_per_s']:,.0f} tok/s"
@@ -535,20 +539,6 @@ def main_compare(a: argparse.Namespace, work: Path) -> None:
     chart(results, RESULTS / f"{name}.png", title)
     table(results, title)
     print(f"wrote {RESULTS / (name + '.json')} and {RESULTS / (name + '.png')}")
-
-
-def measure_bound(a: argparse.Namespace) -> dict[str, Any]:
-    """The matmul bound of this machine at the model's shapes, in a subprocess of its own."""
-    import subprocess
-
-    from pipeline.models import resolve_model
-
-    cfg = json.loads((resolve_model(a.model) / "config.json").read_text())
-    code = (f"import json, peers; print(json.dumps(peers.matmul_bound({cfg['n_embd']}, {cfg['n_layer']}, "
-            f"{cfg['vocab_size']}, {min(a.rows, 256)})))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         cwd=str(Path(__file__).resolve().parent))
-    return json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 else {"error": run.stderr[-500:]}
 
 
 def main_scaling(a: argparse.Namespace, work: Path) -> None:
@@ -607,6 +597,8 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--hf-batch-size", type=int, default=16, help="HF transformers: prompts per generate() call.")
     p.add_argument("--ct2-site", default=None, help="CTranslate2 peers: folder it is installed in (pip install --target DIR --no-deps ctranslate2).")
     p.add_argument("--ct2-batch-size", type=int, default=64, help="CTranslate2: prompts per batch.")
+    p.add_argument("--ort-python", default=None, help="ONNX Runtime peers: the python of a venv with optimum-onnx (see peer_ort.py).")
+    p.add_argument("--ort-batch-size", type=int, default=64, help="ONNX Runtime: prompts per generate() call.")
     p.add_argument("--dtype", default="auto", help="Ours and raw vLLM with our settings: this dtype (auto: what ours picks here).")
     p.add_argument("--no-bound", action="store_true", help="Skip measuring the matmul bound.")
     p.add_argument("--seed", type=int, default=0, help="Prompt-set seed.")

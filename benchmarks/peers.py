@@ -7,12 +7,15 @@
   project dependency: install it into a folder of its own
   (``pip install --target DIR --no-deps ctranslate2``) and pass ``--ct2-site DIR``.
 - ``matmul_bound``: torch matmul GFLOPS at GPT-2 shapes (rows = the batch) in float32 and bfloat16,
-  and the decode rate they allow (2 x parameters FLOPs per token, attention ignored).
+  and the decode rate they allow (2 x parameters FLOPs per token, attention ignored);
+  ``measure_bound`` runs it at a model's shapes in a subprocess.
+- ONNX Runtime (``ort_float32`` / ``ort_int8``) runs in a venv of its own: see ``peer_ort.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -125,7 +128,19 @@ def matmul_bound(hidden: int = 768, layers: int = 12, vocab: int = 50257, rows: 
     return out
 
 
-if __name__ == "__main__":
-    import json
+def measure_bound(model: str, rows: int) -> dict[str, Any]:
+    """``matmul_bound`` at the model's shapes (at most 256 rows), in a subprocess of its own."""
+    import subprocess
 
+    from pipeline.models import resolve_model
+
+    cfg = json.loads((resolve_model(model) / "config.json").read_text())
+    code = (f"import json, peers; print(json.dumps(peers.matmul_bound({cfg['n_embd']}, {cfg['n_layer']}, "
+            f"{cfg['vocab_size']}, {min(rows, 256)})))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=str(Path(__file__).resolve().parent))
+    return json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 else {"error": run.stderr[-500:]}
+
+
+if __name__ == "__main__":
     print(json.dumps(matmul_bound(), indent=1))

@@ -217,7 +217,7 @@ def run_job(
 
 def _compile_choice(job: JobConfig, rows: int) -> tuple[JobConfig, Any]:
     """A generation job's engines: compiled or eager by the job's size (``engine/compiled.py``);
-    the choice is fixed in the job's engine config, which every executor hands its engines."""
+    a compile is set in the job's engine config, which every executor hands its engines."""
     if job.via_serve is not None or job.task != Task.generate:
         return job, None
     from pipeline.engine.compiled import job_compile
@@ -226,7 +226,10 @@ def _compile_choice(job: JobConfig, rows: int) -> tuple[JobConfig, Any]:
     samples = max(job.sampling.n, job.sampling.best_of or 1)
     folder = resolve_model(job.engine.model, job.engine.revision, job.engine.offline)
     choice = job_compile(job.engine, folder, rows * job.sampling.max_tokens * samples)
-    return job.model_copy(update={"engine": job.engine.model_copy(update={"enforce_eager": choice.enforce_eager})}), choice
+    if job.engine.enforce_eager is None and not choice.enforce_eager and not job.engine.gpus_per_replica:
+        # only a CPU compile changes the engine's settings (so a warm eager engine is still the same one)
+        job = job.model_copy(update={"engine": job.engine.model_copy(update={"enforce_eager": False})})
+    return job, choice
 
 
 def _seal(compactor: compact.Compactor) -> None:

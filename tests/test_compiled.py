@@ -6,7 +6,7 @@ import os
 
 import pyarrow.parquet as pq
 
-from pipeline.config import EngineConfig, JobConfig
+from pipeline.config import EngineConfig
 from pipeline.engine.compiled import (
     CACHE_ENV, COMPILE_MIN_WORK, CompileChoice, choose_compile, compile_cache_env, job_compile, model_shape,
 )
@@ -44,21 +44,23 @@ def test_compile_cache_sits_beside_the_model_cache(monkeypatch):
     assert compile_cache_env() is False and os.environ[CACHE_ENV] == "/somewhere"
 
 
-def test_a_compiled_job_runs_and_says_so(tmp_path, monkeypatch):
-    """A real job with compiled engines (asked for: demo is too small for auto to compile): rows out,
-    the summary says compiled, and vLLM's compile cache is written beside the model cache."""
-    from pipeline.batch import run_job
+def test_a_compiled_job_runs_and_says_so(tmp_path):
+    """A real job with compiled engines (``--no-eager``: demo is too small for auto to compile), in a
+    process of its own: rows out, the summary says compiled, and vLLM's compile cache is written
+    beside the model cache."""
+    import subprocess
+    import sys
+
     from pipeline.prompts import write_prompt_set
 
-    monkeypatch.delenv(CACHE_ENV, raising=False)
     write_prompt_set(tmp_path / "in.parquet", 24, seed=3)
-    job = JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), executor="inline",
-                    engine={"model": "demo", "enforce_eager": False}, sampling={"max_tokens": 4, "temperature": 0})
-    summary = run_job(job)
-    assert summary.status == "succeeded" and summary.rows_out == 24 and summary.compiled is True
-    assert summary.compile_reason == "requested"
+    env = {k: v for k, v in os.environ.items() if k != CACHE_ENV}
+    run = subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(tmp_path / "in.parquet"),
+                          "--output", str(tmp_path / "out"), "--model", "demo", "--max-tokens", "4", "--temperature", "0",
+                          "--ignore-eos", "--no-eager"], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
     saved = json.loads((tmp_path / "out" / "_summary.json").read_text())
-    assert saved["compiled"] is True
+    assert saved["status"] == "succeeded" and saved["rows_out"] == 24
+    assert saved["compiled"] is True and saved["compile_reason"] == "requested"
     assert pq.read_table(tmp_path / "out")["completion_tokens"].to_pylist() == [4] * 24
-    assert os.environ[CACHE_ENV] == str(cache_dir().parent / "vllm")
     assert any((cache_dir().parent / "vllm").rglob("*")), "no compiled graphs cached"

@@ -18,9 +18,11 @@ GPT2_SMALL = 124_318_464
 def test_big_jobs_compile_small_ones_and_tiny_models_stay_eager():
     config = EngineConfig(model="gpt2-small-random")
     enough = int(COMPILE_MIN_WORK / GPT2_SMALL) + 1
-    assert choose_compile(config, enough, GPT2_SMALL, 768).enforce_eager is False  # about 110k tokens
+    assert choose_compile(config, enough, GPT2_SMALL, 768).enforce_eager is False  # about 320k tokens
+    assert choose_compile(config, enough - 1000, GPT2_SMALL, 768).enforce_eager is True
     assert choose_compile(config, 256 * 64, GPT2_SMALL, 768).enforce_eager is True  # the 256 x 64 job
-    assert choose_compile(config, 3000 * 64, GPT2_SMALL, 768).enforce_eager is False
+    assert choose_compile(config, 3000 * 64, GPT2_SMALL, 768).enforce_eager is True  # measured: a tie
+    assert choose_compile(config, 10_000 * 64, GPT2_SMALL, 768).enforce_eager is False
     tiny = choose_compile(config, 10**9, 6_957_184, 128)
     assert tiny.enforce_eager is True and "hidden size 128" in tiny.reason
     for value in (True, False):  # an explicit setting wins

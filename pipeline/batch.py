@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from pipeline import compact, io
 from pipeline.config import ConfigError, Executor, InputFormat, JobConfig, Task
 from pipeline.records import RowSpec
-from pipeline.shards import blocks_per_replica, commit_block, read_items
+from pipeline.shards import INLINE_MIN_BLOCKS, RecentRowGroups, blocks_per_replica, commit_block, group_slices, read_items
 from pipeline.verify import Summary, verify
 
 logger = logging.getLogger(__name__)
@@ -173,13 +173,18 @@ def run_job(
         del flags
         if slices and runner is None and executor == Executor.inline:
             runner = _start_inline(job, spec, clock, batch_urls)
-        blocks = blocks_per_replica(job.engine.max_num_seqs, job.batch_size)
         write = {"fs": fs, "folder": folder, "id_column": job.id_column, "metadata": meta}
         if not slices:
             stream: Iterator[dict] = iter(())
         elif runner is not None:
+            # a warm fleet gets slices one by one (online requests keep their turn); an engine of
+            # this process gets blocks of consecutive slices, as the Ray Data executor does
+            groups = ([[s] for s in slices] if job.via_serve is not None
+                      else group_slices(slices, job.batch_size, job.engine.replicas, INLINE_MIN_BLOCKS))
+            blocks = blocks_per_replica(job.engine.max_num_seqs, len(groups[0]) * job.batch_size)
+            recent = RecentRowGroups()
             stream = runner.run(
-                ([item] for item in slices), lambda items: read_items(items, plan.fs, plan.schema, job.id_column),
+                groups, lambda items: read_items(items, plan.fs, plan.schema, job.id_column, recent),
                 lambda block: commit_block(block, **write, stop=runner.stopping), in_flight=blocks * job.engine.replicas,
                 lead=lead is not None,
             )

@@ -159,7 +159,7 @@ class JobConfig(_Strict):
     prompt_column: str = "prompt"
     id_column: str = Field("id", description="Input id column; if absent, ids are '<file>#<row>'.")
     passthrough: list[str] = Field(default_factory=list, description="Input columns copied to the output.")
-    batch_size: int = Field(64, ge=1, le=100_000, description="Rows per engine call and per committed shard.")
+    batch_size: int = Field(64, ge=1, le=100_000, description="Rows per slice: one engine call and one committed shard (from 128 slices per replica, consecutive slices run together, up to 1,024 rows).")
     target_file_mb: int = Field(128, ge=1, le=65_536, description="Output files are sealed at about this size (MB).")
     max_rows_per_file: int = Field(1_000_000, ge=1, description="Output files hold at most this many rows.")
     overwrite: bool = False

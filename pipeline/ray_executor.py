@@ -1,7 +1,7 @@
 """The Ray Data executor: read tasks → an actor pool of engines (or Serve clients) → write tasks.
 
 Used for several engine replicas and on clusters. Each block is a run of consecutive slices of
-the input (``group_slices``: about ``BLOCK_ROWS`` rows); the actors are async, so several blocks
+the input (``shards.group_slices``: about ``BLOCK_ROWS`` rows); the actors are async, so several blocks
 are inside one engine at once. Reading and the shard writer
 (``shards.py``) and the row contract (``records.py``) are shared with the inline executor.
 """
@@ -18,9 +18,7 @@ import pyarrow as pa
 from pipeline import io
 from pipeline.config import EngineConfig, JobConfig
 from pipeline.records import RowSpec, process_batch
-from pipeline.shards import MIN_BLOCKS_PER_REPLICA, READY_KEY, blocks_per_replica, commit_block, read_items
-
-BLOCK_ROWS = 1024  # rows per Ray Data block (several slices): one read, engine call and shard each
+from pipeline.shards import READY_KEY, blocks_per_replica, commit_block, group_slices, read_items
 
 
 class EngineActor:
@@ -63,13 +61,6 @@ def _write_block(block: pa.Table, **kwargs: Any) -> pa.Table:
         return pa.Table.from_pylist([])
     return pa.Table.from_pylist([commit_block(block, **kwargs)])
 
-
-
-def group_slices(slices: list[dict], batch_size: int, replicas: int) -> list[list[dict]]:
-    """Consecutive slices per Ray Data block: up to ``BLOCK_ROWS`` rows, so Ray's per-task cost is
-    paid per thousand rows, not per slice; small jobs still get several blocks per replica."""
-    per = max(1, min(BLOCK_ROWS // batch_size, len(slices) // (MIN_BLOCKS_PER_REPLICA * replicas)))
-    return [slices[i:i + per] for i in range(0, len(slices), per)]
 
 
 def stream(job: JobConfig, spec: RowSpec, plan: io.InputPlan, slices: list[dict], write: dict,

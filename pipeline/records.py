@@ -2,6 +2,9 @@
 
 Used by the Ray Data actors and by the Serve replicas (``run --via-serve``), so both paths
 produce the same schema, the same per-row errors and the same per-row sampling overrides.
+Generation rows on the job's sampling go to the engine as one block (``Engine.encode_many`` and
+``complete_many``) and come back as columns; the input's id, prompt and passthrough columns are
+reused as they are, so a row costs no Python object beyond its answer.
 Each input row gives exactly ``n`` output rows (``sample_index`` 0..n-1), errors included
 (one row per input for the embed and score tasks).
 """
@@ -13,12 +16,13 @@ import contextlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import pyarrow as pa
 from pydantic import ValidationError
 
 from pipeline.config import ROW_OVERRIDE_FIELDS, SamplingConfig, ScoreConfig, Task, format_validation_error
+from pipeline.outputs import Completion, Sample
 
 ID = "__id"  # internal column holding each row's input id (renamed to the id column on write)
 PRECISION_KEY = b"gpt2_pipeline_precision"  # block metadata: the dtype its engine ran in, and why
@@ -98,47 +102,112 @@ async def process_batch(
 
     ``limit`` bounds how many of these rows run at once (the serving path's batch admission).
     """
+    if spec.task == Task.generate:
+        table = _generation_table(batch, spec, await _completions(engine, batch, spec, priority, limit))
+    else:
+        table = await _pooled_rows(engine, batch, spec, priority, limit)
+    return table.replace_schema_metadata(engine_metadata(engine))
+
+
+async def _completions(engine: Any, batch: pa.Table, spec: RowSpec, priority: int,
+                       limit: Optional[asyncio.Semaphore]) -> list[Union[Completion, str]]:
+    """Each row's completion, or its error text. Rows with the job's sampling go to the engine as
+    one block (``Engine.complete_many``); rows that override it, or run under ``limit``, one by one."""
+    prompts = batch.column(spec.prompt_column).to_pylist()
+    overrides = [c for c in ROW_OVERRIDE_FIELDS if c in batch.column_names]
+    if not overrides and limit is None:
+        sampling = spec.sampling
+        ids = engine.encode_many(prompts, sampling.max_tokens, truncate=spec.truncate, sampling=sampling)
+        ok = [i for i, x in enumerate(ids) if not isinstance(x, BaseException)]
+        done = iter(await engine.complete_many([ids[i] for i in ok], sampling, priority=priority))
+        results = [x if isinstance(x, BaseException) else next(done) for x in ids]
+        return [_row_error(r) if isinstance(r, BaseException) else r for r in results]
+
+    values = {c: batch.column(c).to_pylist() for c in overrides}
+
+    async def one(i: int) -> Union[Completion, str]:
+        try:
+            sampling = spec.sampling.with_overrides({c: values[c][i] for c in overrides})
+            ids = engine.encode(prompts[i], sampling.max_tokens, truncate=spec.truncate, sampling=sampling)
+            async with limit or contextlib.nullcontext():
+                return await engine.complete(ids, sampling, priority=priority)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not fail the batch
+            return _row_error(exc)
+
+    return list(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
+
+
+def _row_error(exc: BaseException) -> str:
+    """A failed row's error text; a dead engine is raised (Ray retries the batch elsewhere)."""
     from pipeline.engine import EngineFatalError, PromptError
 
+    if isinstance(exc, EngineFatalError) or not isinstance(exc, Exception):
+        raise exc
+    if isinstance(exc, (PromptError, ValidationError, ValueError, TypeError)):
+        return _error_text(exc)
+    return f"engine_error: {_error_text(exc)}"
+
+
+def _generation_table(batch: pa.Table, spec: RowSpec, results: list[Union[Completion, str]]) -> pa.Table:
+    """Output rows, column by column: ``n`` per input row (``sample_index`` 0..n-1), errors too;
+    the id, prompt and passthrough columns are the input's own."""
+    n = spec.sampling.n
+    rows: list[tuple[int, Optional[Completion], Optional[Sample], Optional[str], int]] = []
+    for i, r in enumerate(results):
+        if isinstance(r, str):
+            rows.extend((i, None, None, r, k) for k in range(n))
+        else:
+            rows.extend((i, r, s, None, s.index) for s in r.samples)
+    columns = {
+        "sample_index": [r[4] for r in rows],
+        "generated_text": [r[2].text if r[2] else None for r in rows],
+        "token_ids": [r[2].token_ids if r[2] else None for r in rows],
+        "prompt_tokens": [r[1].prompt_tokens if r[1] else None for r in rows],
+        "completion_tokens": [len(r[2].token_ids) if r[2] else None for r in rows],
+        "finish_reason": [r[2].finish_reason if r[2] else None for r in rows],
+        "error": [r[3] for r in rows],
+    }
+    if spec.sampling.logprobs is not None:
+        columns["logprobs"] = [_logprob_rows(r[2].logprobs) if r[2] else None for r in rows]
+    sources = [r[0] for r in rows]  # the input row of each output row
+    take = None if sources == list(range(batch.num_rows)) else pa.array(sources, pa.int64())
+    prompt = batch.column(spec.prompt_column)
+    inputs = {ID: batch.column(ID), "prompt": prompt if pa.types.is_string(prompt.type) or pa.types.is_large_string(
+        prompt.type) else pa.nulls(batch.num_rows, pa.string())}
+    inputs.update({c: batch.column(c) if c in batch.column_names else pa.nulls(batch.num_rows) for c in spec.passthrough})
+    schema = spec.schema()
+    arrays = []
+    for f in schema:
+        if f.name in inputs:
+            col = inputs[f.name] if take is None else inputs[f.name].take(take)
+            arrays.append(col.cast(f.type))
+        else:
+            arrays.append(pa.chunked_array([pa.array(columns[f.name], f.type)]))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+async def _pooled_rows(engine: Any, batch: pa.Table, spec: RowSpec, priority: int,
+                       limit: Optional[asyncio.Semaphore]) -> pa.Table:
+    """Score and embed rows: one output row per input row, errors included."""
     rows = batch.to_pylist()
     overrides = [c for c in ROW_OVERRIDE_FIELDS if c in batch.column_names]
 
-    async def one(row: dict[str, Any]) -> list[dict[str, Any]]:
+    async def one(row: dict[str, Any]) -> dict[str, Any]:
         prompt = row.get(spec.prompt_column)
         base = {ID: row[ID], "prompt": prompt if isinstance(prompt, str) else None}
         base.update({c: row.get(c) for c in spec.passthrough})
         try:
             if spec.task == Task.score:
-                return [await _score_row(engine, prompt, base, spec, priority, limit)]
-            sampling = spec.sampling.with_overrides({c: row.get(c) for c in overrides})
+                return await _score_row(engine, prompt, base, spec, priority, limit)
+            sampling = spec.sampling.with_overrides({c: row.get(c) for c in overrides})  # its truncation
             ids = engine.encode(prompt, sampling.max_tokens, truncate=spec.truncate, sampling=sampling)
             async with limit or contextlib.nullcontext():
-                if spec.task == Task.embed:
-                    vec = await engine.embed(ids, normalize=spec.normalize, priority=priority)
-                    return [{**base, "prompt_tokens": len(ids), "embedding": vec, "error": None}]
-                done = await engine.complete(ids, sampling, priority=priority)
-            return [
-                {**base, "sample_index": s.index, "generated_text": s.text, "token_ids": s.token_ids,
-                 "prompt_tokens": done.prompt_tokens, "completion_tokens": len(s.token_ids),
-                 "finish_reason": s.finish_reason, "error": None, "logprobs": _logprob_rows(s.logprobs)}
-                for s in done.samples
-            ]
-        except EngineFatalError:
-            raise  # the replica is gone: let Ray retry the batch elsewhere
-        except (PromptError, ValidationError, ValueError, TypeError) as exc:
-            err = _error_text(exc)
-        except Exception as exc:  # one bad request must not fail the batch
-            err = f"engine_error: {_error_text(exc)}"
-        if spec.task == Task.embed:
-            return [{**base, "prompt_tokens": None, "embedding": None, "error": err}]
-        if spec.task == Task.score:
-            return [{**base, "error": err}]
-        n = spec.sampling.n
-        return [{**base, "sample_index": i, "error": err} for i in range(n)]
+                vec = await engine.embed(ids, normalize=spec.normalize, priority=priority)
+            return {**base, "prompt_tokens": len(ids), "embedding": vec, "error": None}
+        except Exception as exc:  # noqa: BLE001 - one bad request must not fail the batch
+            return {**base, "error": _row_error(exc)}
 
-    results = await asyncio.gather(*(one(r) for r in rows))
-    out = [r for group in results for r in group]
-    return pa.Table.from_pylist(out, schema=spec.schema()).replace_schema_metadata(engine_metadata(engine))
+    return pa.Table.from_pylist(await asyncio.gather(*(one(r) for r in rows)), schema=spec.schema())
 
 
 def engine_metadata(engine: Any) -> dict[bytes, bytes]:

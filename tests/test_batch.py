@@ -192,3 +192,29 @@ def test_lead_slice_is_small_and_slices_cover_every_row_once(tmp_path):
     assert [s["length"] for s in led] == [LEAD_ROWS, 64, 28, 50]
     covered = lambda ss: sorted((s["fragment"]["name"], s["start"] + k) for s in ss for k in range(s["length"]))  # noqa: E731
     assert covered(led) == covered(plain)
+
+
+def test_a_big_job_runs_blocks_of_slices_and_reads_its_input_afresh(tmp_path, ray_cluster):
+    """Past ``INLINE_MIN_BLOCKS`` slices the inline executor runs consecutive slices as one block
+    (one engine call, one committed shard); a job reads its input again, never a row group kept
+    from the job before it in the same process."""
+    from pathlib import Path
+
+    from pyarrow.fs import LocalFileSystem
+
+    from pipeline import compact
+    from pipeline.shards import INLINE_MIN_BLOCKS
+
+    rows = INLINE_MIN_BLOCKS * 4
+    src = write_prompts(tmp_path / "in.parquet", [f"Block prompt {i}" for i in range(rows)], row_group_size=rows // 2)
+    job = JobConfig(input=str(src), output=str(tmp_path / "out"), batch_size=1, sampling={"max_tokens": 1})
+    assert run_job(job).status == "succeeded"
+    (sealed,) = Path(job.output).glob("part-*.parquet")
+    assert len(compact.sources(LocalFileSystem(), str(sealed))) == INLINE_MIN_BLOCKS  # commits of 4 one-row slices
+    table = pq.read_table(job.output)
+    assert sorted(table["prompt"].to_pylist()) == sorted(f"Block prompt {i}" for i in range(rows))
+    assert table["error"].null_count == rows
+
+    write_prompts(src, [f"Other prompt {i}" for i in range(rows)], row_group_size=rows // 2)
+    assert run_job(job.model_copy(update={"overwrite": True})).status == "succeeded"
+    assert set(pq.read_table(job.output)["prompt"].to_pylist()) == {f"Other prompt {i}" for i in range(rows)}

@@ -91,6 +91,51 @@ def test_cancel_frees_the_slot(engine, loop):
     assert engine.in_flight == 0
 
 
+def test_a_block_of_prompts_encodes_and_completes_as_one_by_one(engine, loop):
+    """``encode_many`` / ``complete_many`` (a job's block: one tokenizer call, one message to the
+    engine thread) give what ``encode`` / ``complete`` give per prompt, errors in place."""
+    texts = [*PROMPTS, None, "", "caf\u00e9 \U0001f600 \n\t  x", "lone \ud800", 7, [464, 2068], "hello " * 2000,
+             " leading space", "a" * 50]
+    many = engine.encode_many(texts, 16)
+    for prompt, got in zip(texts, many):
+        try:
+            want = engine.encode(prompt, 16)
+        except PromptError as exc:
+            assert isinstance(got, PromptError) and got.code == exc.code, prompt
+        else:
+            assert got == want, prompt
+    truncated = engine.encode_many(["hello " * 2000], 16, truncate=True)[0]
+    assert truncated == engine.encode("hello " * 2000, 16, truncate=True)
+    ok = [ids for ids in many if not isinstance(ids, PromptError)]
+    for sampling in (SamplingConfig(max_tokens=6, temperature=0, ignore_eos=True),
+                     SamplingConfig(max_tokens=6, n=2, best_of=3, seed=11, ignore_eos=True)):
+        block = loop.run(engine.complete_many(ok, sampling))
+        singles = [loop.run(engine.complete(ids, sampling)) for ids in ok]
+        assert [[s.token_ids for s in c.samples] for c in block] == [[s.token_ids for s in c.samples] for c in singles]
+        assert [c.prompt_tokens for c in block] == [len(ids) for ids in ok]
+    bad = loop.run(engine.complete_many([ok[0], [10**6]], SamplingConfig(max_tokens=16)))
+    assert len(bad[0].samples[0].token_ids) >= 1 and isinstance(bad[1], ValueError)  # out of the vocabulary: vLLM says no
+    assert engine.in_flight == 0 and engine.queued == 0
+
+
+def test_cancelling_a_block_aborts_its_requests(engine, loop):
+    ids = [engine.encode(p) for p in PROMPTS]
+
+    async def start_and_cancel():
+        task = asyncio.ensure_future(engine.complete_many(ids, SamplingConfig(max_tokens=900, ignore_eos=True)))
+        while engine.queued < len(ids):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        for _ in range(100):
+            if engine.queued == 0:
+                return task.cancelled()
+            await asyncio.sleep(0.1)
+        return False
+
+    assert loop.run(start_and_cancel())
+    assert engine.in_flight == 0
+
+
 def test_job_engine_runs_vllm_in_this_process(engine, loop):
     """A job's CPU engine runs vLLM's engine core, model included, in this process: no engine-core
     or worker child to start (or to orphan when the process is killed), and the switch that
@@ -111,6 +156,16 @@ def test_job_engine_runs_vllm_in_this_process(engine, loop):
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
     done = loop.run(engine.complete(engine.encode(PROMPTS[0]), SamplingConfig(max_tokens=4, temperature=0)))
     assert len(done.samples[0].token_ids) == 4 and engine.queued == 0
+
+
+def test_in_process_engine_keeps_the_garbage_collector_out_of_the_way(engine):
+    """While the in-process engine runs, young collections come every ``GC_YOUNG`` allocations
+    (not Python's 700) and what the process held at the engine's start is frozen."""
+    import gc
+
+    from pipeline.engine.inproc import GC_YOUNG
+
+    assert engine.in_process and gc.get_threshold()[0] >= GC_YOUNG
 
 
 def test_in_process_engine_asks_for_one_malloc_arena(monkeypatch):

@@ -16,7 +16,7 @@ out = Console()
 Input = Annotated[Optional[str], typer.Option("--input", "-i", help="Parquet, JSONL or CSV file, folder, glob or URI.")]
 Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder or URI.")]
 Passthrough = Annotated[Optional[list[str]], typer.Option(help="Input column copied to the output (repeatable).")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Rows per engine call and per committed shard.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Rows per slice: one engine call and one committed shard (big jobs run consecutive slices together, up to 1,024 rows).")]
 TargetFileMb = Annotated[Optional[int], typer.Option(help="Output files are sealed at about this size in MB (default 128).")]
 MaxRowsPerFile = Annotated[Optional[int], typer.Option(help="Most rows in one output file (default 1,000,000).")]
 Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a non-empty output folder.")]

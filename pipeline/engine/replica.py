@@ -170,18 +170,14 @@ class Engine:
         if sampling.use_beam_search:
             return await self._beam_search(prompt_ids, sampling, priority)
         params = sampling_params(sampling, prompt_logprobs=prompt_logprobs, output_kind=RequestOutputKind.FINAL_ONLY)
-        samples: dict[int, Sample] = {}
+        outputs: dict[int, Any] = {}  # vLLM's samples by index, the latest of each
         prompt_lps = None
         async for out in self._outputs(prompt_ids, params, None, priority):
-            outputs = out.outputs
-            if (sampling.best_of or 1) > sampling.n and out.finished:
-                outputs = best_of(list(outputs), sampling.n)
-            for o in outputs:
-                samples[o.index] = self._sample(o, sampling.logprobs)
+            outputs.update((o.index, o) for o in out.outputs)
             if prompt_logprobs is not None and out.prompt_logprobs is not None:
                 prompt_lps = [None] + [self._token_logprob(t, e, prompt_logprobs)
                                        for t, e in zip(prompt_ids[1:], out.prompt_logprobs[1:])]
-        return Completion(len(prompt_ids), [samples[i] for i in sorted(samples)], prompt_lps)
+        return self._completion(len(prompt_ids), list(outputs.values()), sampling, prompt_lps)
 
     async def complete_many(self, prompts: Sequence[list[int]], sampling: SamplingConfig, *,
                             priority: int = PRIORITY_ONLINE) -> list[Union[Completion, BaseException]]:
@@ -212,12 +208,13 @@ class Engine:
         return [_engine_error(out) if isinstance(out, BaseException) else self._completion(len(ids), out.outputs, sampling)
                 for ids, out in zip(prompts, outs)]
 
-    def _completion(self, prompt_tokens: int, outputs: Sequence[Any], sampling: SamplingConfig) -> Completion:
+    def _completion(self, prompt_tokens: int, outputs: Sequence[Any], sampling: SamplingConfig,
+                    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None) -> Completion:
         """A finished request's samples, ordered by index (the best ``n`` of ``best_of``)."""
         if (sampling.best_of or 1) > sampling.n:
             outputs = best_of(list(outputs), sampling.n)
-        samples = [self._sample(o, sampling.logprobs) for o in outputs]
-        return Completion(prompt_tokens, sorted(samples, key=lambda s: s.index) if len(samples) > 1 else samples)
+        samples = sorted((self._sample(o, sampling.logprobs) for o in outputs), key=lambda s: s.index)
+        return Completion(prompt_tokens, samples, prompt_logprobs)
 
     async def _beam_search(self, prompt_ids: list[int], sampling: SamplingConfig, priority: int) -> Completion:
         """vLLM's beam search (width ``sampling.n``): the n best beams, best first."""

@@ -44,7 +44,10 @@ def test_replica_engine_core_lets_its_threads_sleep(client):
     cores = []
     for proc in psutil.process_iter():
         try:
-            if "EngineCore" in proc.name() or any("EngineCore" in part for part in proc.cmdline()):
+            is_core = "EngineCore" in proc.name() or any("EngineCore" in part for part in proc.cmdline())
+            parent = proc.parent()
+            # a replica's engine core (not one another test started in the test process)
+            if is_core and parent is not None and "ServeReplica" in " ".join(parent.cmdline()):
                 env = proc.environ()
                 cores.append((env.get("OMP_WAIT_POLICY"), env.get(ONEDNN_CACHE_ENV)))
         except psutil.Error:

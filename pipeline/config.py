@@ -70,7 +70,7 @@ class Executor(str, Enum):
 
     auto = "auto"          # inline for one replica on an embedded Ray or --via-serve, else ray-data
     inline = "inline"      # the driver process: one in-process engine, or the Serve replicas
-    ray_data = "ray-data"  # Ray Data: read tasks, an engine actor pool, write tasks, cluster-wide
+    ray_data = "ray-data"  # Ray Data: a pool of engine actors that read, run and commit blocks, cluster-wide
 
 
 class Dtype(str, Enum):
@@ -108,7 +108,7 @@ class EngineConfig(_Strict):
     max_in_flight: int = Field(512, ge=1, description="Requests a replica accepts at once (a semaphore).")
     gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0, description="GPU share of the generation engine (default 0.80 beside a pooling engine, 0.90 alone); CPU: 0.3.")
     embed_gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0, description="GPU share of the pooling engine (default 0.10 beside a generation engine, 0.90 alone).")
-    kv_cache_gib: Optional[float] = Field(None, gt=0.0, description="CPU only: KV-cache size (default 2 GiB).")
+    kv_cache_gib: Optional[float] = Field(None, gt=0.0, description="CPU only: KV-cache size (default: what max_num_seqs sequences of max_model_len tokens fill, at most 2 GiB).")
     enforce_eager: Optional[bool] = Field(None, description="Run the model eagerly, not compiled / CUDA graphs. Default: a CPU job compiles when it is big enough to pay for the compile (tokens x parameters, engine/compiled.py), else eager; serve on a CPU: eager; GPU: CUDA graphs.")
     enable_prefix_caching: bool = True
     replicas: int = Field(1, ge=1, le=1024, description="Engine replicas (actors).")

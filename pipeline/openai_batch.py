@@ -113,7 +113,7 @@ class BatchAnswerer:
 
 
 class BatchRequestActor(BatchAnswerer):
-    """The Ray Data actor: starts the engines the file's urls need."""
+    """The Ray Data executor's answerer (in its ``BatchActor``): starts the engines the file's urls need."""
 
     def __init__(self, engine_config: EngineConfig, urls: list[str]):
         from pipeline.engine import Engine

@@ -1,16 +1,23 @@
-"""The Ray Data executor: read tasks → an actor pool of engines (or Serve clients) → write tasks.
+"""The Ray Data executor: blocks of slices → an actor pool; each actor reads, runs and commits.
 
 Used for several engine replicas and on clusters. Each block is a run of consecutive slices of
-the input (``shards.group_slices``: about ``BLOCK_ROWS`` rows); the actors are async, so several blocks
-are inside one engine at once. Reading and the shard writer
-(``shards.py``) and the row contract (``records.py``) are shared with the inline executor.
+the input (``shards.group_slices``: about ``BLOCK_ROWS`` rows). An actor reads its block's rows,
+runs them through its engine (or a Serve application, or the OpenAI Batch answerer) and commits
+the shard itself, as the inline executor does in one process: only the slices' descriptions go
+in and one stats row per shard comes back, so no rows cross Ray's object store and no read or
+write task (each a worker process at start-up) competes with the engine for the cores. The
+actors are async, so several blocks are inside one engine at once. Reading, the shard writer
+(``shards.py``) and the row contract (``records.py``) are shared with the inline executor; a
+block an actor's death interrupts runs again on its successor, and its shard's content-addressed
+name keeps the commit exactly once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -18,54 +25,69 @@ import pyarrow as pa
 from pipeline import io
 from pipeline.config import EngineConfig, JobConfig
 from pipeline.records import RowSpec, process_batch
-from pipeline.shards import READY_KEY, blocks_per_replica, commit_block, group_slices, read_items
+from pipeline.shards import READY_KEY, RecentRowGroups, blocks_per_replica, commit_block, group_slices, read_items
 
 
-class EngineActor:
-    """A Ray Data actor holding one engine replica; async so many rows run at once."""
+class _BlockActor:
+    """Read a block's slices, run them through ``process``, commit the shard; return its stats."""
 
-    def __init__(self, engine_config: EngineConfig, spec: RowSpec):
-        from pipeline.engine import Engine
+    def __init__(self, process: Callable[[pa.Table], Awaitable[pa.Table]], read: dict, write: dict,
+                 ready: Optional[dict] = None):
+        self.process, self.read, self.write, self.ready = process, read, write, ready or {}
+        self.recent = RecentRowGroups()  # this actor's blocks walk row groups in order
 
-        self.engine = Engine(engine_config, spec.task, in_process=True)
-        self.spec = spec
-        self.ready = {READY_KEY: str(time.time()).encode()}  # the job's phase breakdown reads it
+    async def __call__(self, items: pa.Table) -> pa.Table:
+        slices = [s for row in items.column("slices").to_pylist() for s in json.loads(row)]
+        rows = await asyncio.to_thread(read_items, slices, recent=self.recent, **self.read)
+        if rows.num_rows == 0:  # every row committed already (resume) or dropped as a repeat
+            return pa.Table.from_pylist([])
+        out = await self.process(rows)
+        out = out.replace_schema_metadata({**(out.schema.metadata or {}), **self.ready})
+        return pa.Table.from_pylist([await asyncio.to_thread(commit_block, out, **self.write)])
 
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.engine import PRIORITY_BATCH
 
-        out = await process_batch(self.engine, batch, self.spec, PRIORITY_BATCH)
-        return out.replace_schema_metadata({**(out.schema.metadata or {}), **self.ready})
+class EngineActor(_BlockActor):
+    """One engine replica (in this actor's process)."""
+
+    def __init__(self, engine_config: EngineConfig, spec: RowSpec, read: dict, write: dict):
+        from pipeline.engine import PRIORITY_BATCH, Engine
+
+        engine = Engine(engine_config, spec.task, in_process=True)
+
+        async def process(rows: pa.Table) -> pa.Table:
+            return await process_batch(engine, rows, spec, PRIORITY_BATCH)
+
+        # the job's phase breakdown reads when the engine was ready from the shard's stats
+        super().__init__(process, read, write, {READY_KEY: str(time.time()).encode()})
+        self.engine = engine
 
 
-class ServeClient:
-    """Sends each batch to a running Serve application's replicas (the same engine class)."""
+class BatchActor(_BlockActor):
+    """An OpenAI Batch file's rows are requests, answered as the endpoint answers them."""
 
-    def __init__(self, app_name: str, spec: RowSpec, job_id: str):
+    def __init__(self, engine_config: EngineConfig, urls: list[str], read: dict, write: dict):
+        from pipeline.openai_batch import BatchRequestActor
+
+        super().__init__(BatchRequestActor(engine_config, urls), read, write)
+
+
+class ServeClient(_BlockActor):
+    """Sends each block to a running Serve application's replicas (the same engine class)."""
+
+    def __init__(self, app_name: str, spec: RowSpec, job_id: str, read: dict, write: dict):
         from ray import serve
 
-        self.handle = serve.get_app_handle(app_name)
-        self.spec = spec
-        self.job_id = job_id
+        handle = serve.get_app_handle(app_name)
 
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        return await self.handle.process_batch.remote(batch, self.spec, self.job_id)
+        async def process(rows: pa.Table) -> pa.Table:
+            return await handle.process_batch.remote(rows, spec, job_id)
 
-
-def _read_slices(items: pa.Table, *, fs: Any, schema: pa.Schema, id_column: str) -> pa.Table:
-    return read_items([s for row in items.column("slices").to_pylist() for s in json.loads(row)], fs, schema, id_column)
-
-
-def _write_block(block: pa.Table, **kwargs: Any) -> pa.Table:
-    if block.num_rows == 0:
-        return pa.Table.from_pylist([])
-    return pa.Table.from_pylist([commit_block(block, **kwargs)])
-
+        super().__init__(process, read, write)
 
 
 def stream(job: JobConfig, spec: RowSpec, plan: io.InputPlan, slices: list[dict], write: dict,
            verbose: bool, clock: Any, batch_urls: Optional[list[str]]) -> Iterator[dict]:
-    """The Ray Data executor: read tasks → engine actor pool → write tasks, one stats row per shard."""
+    """The Ray Data executor: blocks of slices → the actor pool; one stats row per committed shard."""
     from pipeline.runtime import init_ray
 
     # --via-serve needs the cluster that runs the Serve app: join the running one, never start one.
@@ -79,15 +101,14 @@ def stream(job: JobConfig, spec: RowSpec, plan: io.InputPlan, slices: list[dict]
     ctx.print_on_execution_start = verbose
     groups = group_slices(slices, job.batch_size, job.engine.replicas)
     ds = ray.data.from_items([{"slices": json.dumps(g)} for g in groups], override_num_blocks=len(groups))
-    ds = ds.map_batches(_read_slices, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"fs": plan.fs, "schema": plan.schema, "id_column": job.id_column})
-    ds = _engine_stage(ds, job, spec, batch_urls, block_rows=len(groups[0]) * job.batch_size)
-    ds = ds.map_batches(_write_block, batch_size=None, batch_format="pyarrow", fn_kwargs=write)
+    read = {"fs": plan.fs, "schema": plan.schema, "id_column": job.id_column}
+    ds = _engine_stage(ds, job, spec, batch_urls, block_rows=len(groups[0]) * job.batch_size, read=read, write=write)
     for row in ds.iter_rows():
         yield dict(row)
 
 
-def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[list[str]], block_rows: int) -> Any:
+def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[list[str]], block_rows: int,
+                  read: dict, write: dict) -> Any:
     import ray.data
 
     from pipeline.runtime import ray_address, replica_resources
@@ -100,20 +121,20 @@ def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[l
     if job.via_serve:
         return ds.map_batches(
             ServeClient, batch_size=None, batch_format="pyarrow", compute=compute, num_cpus=0.1,
-            fn_constructor_kwargs={"app_name": job.via_serve, "spec": spec, "job_id": job.output},
+            fn_constructor_kwargs={"app_name": job.via_serve, "spec": spec, "job_id": job.output, "read": read,
+                                   "write": write},
         )
     if batch_urls is not None:  # an OpenAI Batch file: rows are requests, answered like the endpoint
-        from pipeline.openai_batch import BatchRequestActor
-
-        actor, kwargs = BatchRequestActor, {"engine_config": job.engine, "urls": batch_urls}
+        actor, kwargs = BatchActor, {"engine_config": job.engine, "urls": batch_urls}
     else:
         actor, kwargs = EngineActor, {"engine_config": job.engine, "spec": spec}
     resources = replica_resources(job.engine, embedded=ray_address(job.address) is None)
-    # One block (a run of slices) per call; Ray Data insists on an explicit batch size when GPUs
-    # are requested, which here changes only how short (last or resumed) blocks group.
+    # One block (a run of slices, one row of ``ds``) per call; Ray Data insists on an explicit
+    # batch size when GPUs are requested.
     return ds.map_batches(
-        actor, batch_size=block_rows if resources["num_gpus"] else None, batch_format="pyarrow", compute=compute,
-        num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"] or None, fn_constructor_kwargs=kwargs,
+        actor, batch_size=1 if resources["num_gpus"] else None, batch_format="pyarrow", compute=compute,
+        num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"] or None,
+        fn_constructor_kwargs={**kwargs, "read": read, "write": write},
     )  # Ray Data restarts dead engine actors and retries their blocks (max_restarts=-1 by default)
 
 

@@ -102,6 +102,21 @@ def test_readable_by_pandas_polars_duckdb(mixed_job):
     assert duckdb.sql(f"select count(distinct id) from '{job.output}/*.parquet'").fetchall()[0][0] == N_ROWS
 
 
+def test_the_ray_data_executor_commits_the_same_rows(mixed_job, tmp_path):
+    """Its engine actors read, run and commit the blocks themselves: the same rows and error rows
+    as the inline executor, each id once, and the engine's start in the phases."""
+    job, _, inline = mixed_job
+    summary = run_job(job.model_copy(update={"output": str(tmp_path / "out"), "executor": "ray-data"}))
+    assert summary.status == "succeeded", summary.message
+    assert summary.executor == "ray-data" and summary.duplicates == 0 and summary.missing == 0
+    assert 0 < summary.phases["engine_ready"] <= summary.phases["first_shard"]
+    cols = ["id", "sample_index", "generated_text", "token_ids", "finish_reason", "error", "topic"]
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == N_ROWS * 2 and summary.error_rows == 8
+    order = [("id", "ascending"), ("sample_index", "ascending")]
+    assert table.select(cols).sort_by(order).to_pylist() == inline.select(cols).sort_by(order).to_pylist()
+
+
 def test_resume_skips_committed_ids_and_refuses_changed_config(tmp_path, ray_cluster):
     from pathlib import Path
 

@@ -84,12 +84,15 @@ def write_batch(path: Path, lines: list[dict]) -> Path:
     return path
 
 
-def test_openai_batch_round_trip(tmp_path, ray_cluster, engine, loop):
+@pytest.mark.parametrize("executor", ["inline", "ray-data"])
+def test_openai_batch_round_trip(tmp_path, ray_cluster, engine, loop, executor):
     src = write_batch(tmp_path / "requests.jsonl", BATCH)
     out, copy = tmp_path / "out", tmp_path / "elsewhere" / "results.jsonl"
-    job = JobConfig(input=str(src), output=str(out), input_format="openai-batch", results=str(copy), batch_size=2)
+    job = JobConfig(input=str(src), output=str(out), input_format="openai-batch", results=str(copy), batch_size=2,
+                    executor=executor)
     summary = run_job(job)
     assert summary.status == "succeeded" and summary.rows_in == 5 and summary.error_rows == 2
+    assert summary.executor == executor
     lines = [json.loads(x) for x in (out / "_results.jsonl").read_text().splitlines()]
     assert copy.read_text() == (out / "_results.jsonl").read_text()
     assert [x["custom_id"] for x in lines] == [b["custom_id"] for b in BATCH]  # input order, each once

@@ -94,8 +94,13 @@ def test_cpu_path_is_unchanged(demo_model):
     cfg = EngineConfig(model="demo")
     for a in (engine_args(cfg, Task.generate, True), engine_args(cfg, Task.embed, False, colocated=True)):
         assert a.dtype == "float32" and a.enforce_eager is True and a.gpu_memory_utilization == 0.3
-        assert a.kv_cache_memory_bytes == _CPU_KV_CACHE_BYTES and a.enable_chunked_prefill is False
+        # the KV cache 256 full-length demo sequences fill (2 layers, K and V, width 128, float32), not 2 GiB
+        assert a.kv_cache_memory_bytes == 256 * 1024 * 2 * 2 * 128 * 4 < _CPU_KV_CACHE_BYTES
+        assert a.enable_chunked_prefill is False
         assert a.tensor_parallel_size == 1 and a.distributed_executor_backend is None
+    assert engine_args(EngineConfig(model="demo", max_num_seqs=2, max_model_len=300), Task.generate, True
+                       ).kv_cache_memory_bytes == 2 * 512 * 2 * 2 * 128 * 4  # whole 256-token blocks
+    assert engine_args(EngineConfig(model="demo", kv_cache_gib=1.5), Task.generate, True).kv_cache_memory_bytes == 1.5 * 2**30
 
 
 def test_serve_replica_requests_its_gpus_from_ray(demo_model):
@@ -115,9 +120,10 @@ def test_batch_actor_requests_its_gpus_from_ray(ray_cluster, demo_model):
 
     job = JobConfig(input="x", output="y", engine=EngineConfig(model="demo", gpus_per_replica=4, tensor_parallel_size=4))
     spec = RowSpec(task=Task.generate, prompt_column="prompt", sampling=job.sampling)
-    op = _engine_stage(ray.data.from_items([{"a": 1}]), job, spec, None, block_rows=job.batch_size)._logical_plan.dag
+    op = _engine_stage(ray.data.from_items([{"a": 1}]), job, spec, None, block_rows=job.batch_size, read={},
+                       write={})._logical_plan.dag
     assert op.ray_remote_args["num_gpus"] == 4 and op.ray_remote_args["num_cpus"] == 1.0
-    assert op.batch_size == job.batch_size  # Ray Data refuses GPUs without an explicit batch size
+    assert op.batch_size == 1  # one block of slices per call; Ray Data refuses GPUs without an explicit batch size
     cpu = _engine_stage(ray.data.from_items([{"a": 1}]), job.model_copy(update={"engine": EngineConfig(model="demo")}), spec,
-                        None, block_rows=job.batch_size)
+                        None, block_rows=job.batch_size, read={}, write={})
     assert "num_gpus" not in cpu._logical_plan.dag.ray_remote_args

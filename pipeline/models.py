@@ -120,6 +120,32 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+@dataclass(frozen=True)
+class ModelDims:
+    """A GPT-2-style checkpoint's sizes from its config.json (GPT-2's names, else the common HF
+    ones); 0 where the config does not say."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int  # key/value heads (``num_key_value_heads``, else ``heads``)
+    positions: int
+    vocab: int
+
+
+def model_dims(folder: Path) -> ModelDims:
+    """The sizes in ``folder``'s config.json."""
+    cfg = json.loads((folder / "config.json").read_text())
+
+    def size(*keys: str) -> int:
+        return int(next((cfg[k] for k in keys if cfg.get(k)), 0))
+
+    heads = size("n_head", "num_attention_heads")
+    return ModelDims(layers=size("n_layer", "num_hidden_layers"), hidden=size("n_embd", "hidden_size"), heads=heads,
+                     kv_heads=size("num_key_value_heads") or heads,
+                     positions=size("n_positions", "max_position_embeddings"), vocab=size("vocab_size"))
+
+
 def checkpoint_dtype(folder: Path) -> str:
     """The dtype the checkpoint was saved in (config.json ``torch_dtype``/``dtype``; HF default float32)."""
     cfg = json.loads((folder / "config.json").read_text())

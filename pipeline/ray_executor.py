@@ -59,7 +59,6 @@ class EngineActor(_BlockActor):
 
         # the job's phase breakdown reads when the engine was ready from the shard's stats
         super().__init__(process, read, write, {READY_KEY: str(time.time()).encode()})
-        self.engine = engine
 
 
 class BatchActor(_BlockActor):
@@ -118,11 +117,11 @@ def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[l
     compute = ray.data.ActorPoolStrategy(
         size=job.engine.replicas, max_tasks_in_flight_per_actor=blocks, max_concurrent_calls_per_actor=blocks,
     )
+    blocks_io = {"read": read, "write": write}
     if job.via_serve:
         return ds.map_batches(
             ServeClient, batch_size=None, batch_format="pyarrow", compute=compute, num_cpus=0.1,
-            fn_constructor_kwargs={"app_name": job.via_serve, "spec": spec, "job_id": job.output, "read": read,
-                                   "write": write},
+            fn_constructor_kwargs={"app_name": job.via_serve, "spec": spec, "job_id": job.output, **blocks_io},
         )
     if batch_urls is not None:  # an OpenAI Batch file: rows are requests, answered like the endpoint
         actor, kwargs = BatchActor, {"engine_config": job.engine, "urls": batch_urls}
@@ -134,7 +133,7 @@ def _engine_stage(ds: Any, job: JobConfig, spec: RowSpec, batch_urls: Optional[l
     return ds.map_batches(
         actor, batch_size=1 if resources["num_gpus"] else None, batch_format="pyarrow", compute=compute,
         num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"] or None,
-        fn_constructor_kwargs={**kwargs, "read": read, "write": write},
+        fn_constructor_kwargs={**kwargs, **blocks_io},
     )  # Ray Data restarts dead engine actors and retries their blocks (max_restarts=-1 by default)
 
 

@@ -6,7 +6,6 @@ engine drivers, the benchmarks' raw-vLLM peers and ``doctor`` read it).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -16,7 +15,7 @@ from typing import Any, Optional
 
 from pipeline.config import EngineConfig, Task
 from pipeline.engine.precision import Precision, resolve_dtype
-from pipeline.models import resolve_model
+from pipeline.models import model_dims, resolve_model
 
 _CPU_KV_CACHE_BYTES = 2 * 2**30  # at most, on CPU (``kv_cache_gib`` sets it exactly)
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -33,16 +32,13 @@ def cpu_kv_cache_bytes(config: EngineConfig, folder: Any, dtype: str) -> int:
     A checkpoint whose config lacks the sizes keeps 2 GiB."""
     if config.kv_cache_gib:
         return int(config.kv_cache_gib * 2**30)
-    cfg = json.loads((folder / "config.json").read_text())
-    layers = cfg.get("n_layer") or cfg.get("num_hidden_layers")
-    hidden = cfg.get("n_embd") or cfg.get("hidden_size")
-    heads = cfg.get("n_head") or cfg.get("num_attention_heads")
-    tokens = config.max_model_len or cfg.get("n_positions") or cfg.get("max_position_embeddings")
-    if not (layers and hidden and heads and tokens):
+    d = model_dims(folder)
+    tokens = config.max_model_len or d.positions
+    if not (d.layers and d.hidden and d.heads and tokens):
         return _CPU_KV_CACHE_BYTES
-    kv_width = int(cfg.get("num_key_value_heads") or heads) * (int(hidden) // int(heads))
-    per_seq = math.ceil(int(tokens) / 256) * 256  # whole KV blocks, whatever vLLM's block size
-    need = config.max_num_seqs * per_seq * int(layers) * 2 * kv_width * _DTYPE_BYTES.get(dtype, 4)
+    per_seq = math.ceil(tokens / 256) * 256  # whole KV blocks, whatever vLLM's block size
+    kv_width = d.kv_heads * (d.hidden // d.heads)
+    need = config.max_num_seqs * per_seq * d.layers * 2 * kv_width * _DTYPE_BYTES.get(dtype, 4)
     return min(_CPU_KV_CACHE_BYTES, need)
 
 

@@ -25,13 +25,13 @@ that machine (or volume) pays only the load.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import EngineConfig
-from pipeline.engine.precision import MIN_BF16_HIDDEN, model_facts
+from pipeline.engine.precision import MIN_BF16_HIDDEN
+from pipeline.models import model_dims
 
 COMPILE_MIN_WORK = 4.0e13  # job tokens x model parameters from which a CPU job compiles
 CACHE_ENV = "VLLM_CACHE_ROOT"
@@ -47,12 +47,8 @@ class CompileChoice:
 
 def model_shape(folder: Path) -> tuple[int, int]:
     """A GPT-2-style checkpoint's parameter count (blocks and embeddings) and hidden size (config.json)."""
-    hidden, _ = model_facts(folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    layers = int(cfg.get("n_layer") or cfg.get("num_hidden_layers") or 0)
-    vocab = int(cfg.get("vocab_size") or 0)
-    positions = int(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 0)
-    return 12 * layers * hidden * hidden + (vocab + positions) * hidden, hidden
+    d = model_dims(folder)
+    return 12 * d.layers * d.hidden * d.hidden + (d.vocab + d.positions) * d.hidden, d.hidden
 
 
 def choose_compile(config: EngineConfig, tokens: int, parameters: int, hidden_size: int) -> CompileChoice:

@@ -24,7 +24,6 @@ used as given.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,10 +95,9 @@ def choose_dtype(requested: str, task: Task, *, on_cpu: bool, hidden_size: int, 
 
 def model_facts(folder: Path) -> tuple[int, str]:
     """A checkpoint's hidden size and saved dtype (config.json)."""
-    from pipeline.models import checkpoint_dtype
+    from pipeline.models import checkpoint_dtype, model_dims
 
-    cfg = json.loads((folder / "config.json").read_text())
-    return int(cfg.get("n_embd") or cfg.get("hidden_size") or 0), checkpoint_dtype(folder)
+    return model_dims(folder).hidden, checkpoint_dtype(folder)
 
 
 def resolve_dtype(config: EngineConfig, task: Task, platform: Any = None, folder: Optional[Path] = None) -> Precision:

@@ -205,13 +205,26 @@ def file_ids(plan: InputPlan) -> Iterator[tuple[str, pa.Array]]:
         yield name, table[plan.id_column].cast(plan.id_type).combine_chunks()
 
 
+def sorted_repeats(table: pa.Table, keys: list[str]) -> tuple[int, int]:
+    """Exact, by sorting (a third of a hash table's memory: 10M ids about 0.4 GB against 1.2 GB;
+    2M output keys 46 MiB against 320 MiB): (rows whose ``keys`` equal the previous row's after
+    the sort, distinct values of ``keys[0]``)."""
+    n = table.num_rows
+    if n < 2:
+        return 0, n
+    ordered = table.select(keys).take(pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys]))
+    later, earlier = ordered.slice(1), ordered.slice(0, n - 1)
+    same = [pc.equal(later[k], earlier[k]) for k in keys]
+    first_same = int(pc.sum(same[0]).as_py() or 0)
+    all_same = same[0]
+    for more in same[1:]:
+        all_same = pc.and_(all_same, more)
+    return int(pc.sum(all_same).as_py() or 0), n - first_same
+
+
 def _has_repeats(ids: pa.ChunkedArray) -> bool:
-    """Exact: sort, then compare neighbours. A third of a hash table's memory (10M ids: about
-    0.4 GB against 1.2 GB); the hash aggregation below runs only when there are repeats."""
-    if len(ids) < 2:
-        return False
-    ordered = ids.take(pc.sort_indices(ids)).combine_chunks()
-    return bool(pc.any(pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))).as_py())
+    """Exact; the hash aggregation below runs only when there are repeats."""
+    return sorted_repeats(pa.table({"id": ids}), ["id"])[0] > 0
 
 
 def find_duplicates(plan: InputPlan, dedupe: Dedupe | str) -> None:

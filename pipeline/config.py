@@ -268,6 +268,8 @@ class ServeConfig(_Strict):
     embeddings: bool = Field(True, description="Also start a pooling engine for /v1/embeddings.")
     max_queued_requests: int = Field(256, ge=0, description="Requests a replica lets wait beyond engine.max_in_flight before answering 429.")
     max_batch_in_flight: int = Field(64, ge=1, description="Batch-job rows a replica runs at once (online first).")
+    max_batch_in_flight_online: int = Field(
+        8, ge=1, description="... while an online request is in flight: its first token waits for a short step.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     ingress: Ingress = Field(Ingress.auto, description="auto: direct on an embedded Ray, Serve's proxy on a cluster.")
     access_log: bool = Field(True, description="Serve's per-request access log (proxy and replicas).")

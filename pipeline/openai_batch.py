@@ -60,7 +60,7 @@ class BatchAnswerer:
 
     def __init__(self, name: str, engine: Any, embedder: Any, limit: Any = None):
         self.name, self.engine, self.embedder = name, engine, embedder
-        self.limit = limit  # an asyncio.Semaphore bounding rows inside the engines (a Serve replica's batch slots)
+        self.limit = limit  # bounds rows inside the engines (a Serve replica's ``BatchSlots``)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         import asyncio

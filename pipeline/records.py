@@ -96,7 +96,7 @@ def _error_text(exc: BaseException) -> str:
 
 
 async def process_batch(
-    engine: Any, batch: pa.Table, spec: RowSpec, priority: int, limit: Optional[asyncio.Semaphore] = None
+    engine: Any, batch: pa.Table, spec: RowSpec, priority: int, limit: Optional[contextlib.AbstractAsyncContextManager] = None
 ) -> pa.Table:
     """Run every row of ``batch`` concurrently through ``engine``; keep row order and ids.
 
@@ -110,7 +110,7 @@ async def process_batch(
 
 
 async def _completions(engine: Any, batch: pa.Table, spec: RowSpec, priority: int,
-                       limit: Optional[asyncio.Semaphore]) -> list[Union[Completion, str]]:
+                       limit: Optional[contextlib.AbstractAsyncContextManager]) -> list[Union[Completion, str]]:
     """Each row's completion, or its error text. Rows with the job's sampling go to the engine as
     one block (``Engine.complete_many``); rows that override it, or run under ``limit``, one by one."""
     prompts = batch.column(spec.prompt_column).to_pylist()
@@ -187,7 +187,7 @@ def _generation_table(batch: pa.Table, spec: RowSpec, results: list[Union[Comple
 
 
 async def _pooled_rows(engine: Any, batch: pa.Table, spec: RowSpec, priority: int,
-                       limit: Optional[asyncio.Semaphore]) -> pa.Table:
+                       limit: Optional[contextlib.AbstractAsyncContextManager]) -> pa.Table:
     """Score and embed rows: one output row per input row, errors included."""
     rows = batch.to_pylist()
     overrides = [c for c in ROW_OVERRIDE_FIELDS if c in batch.column_names]
@@ -223,7 +223,7 @@ def block_precision(block: pa.Table) -> dict[str, str]:
 
 
 async def _score_row(engine: Any, prompt: Any, base: dict[str, Any], spec: RowSpec, priority: int,
-                     limit: Optional[asyncio.Semaphore]) -> dict[str, Any]:
+                     limit: Optional[contextlib.AbstractAsyncContextManager]) -> dict[str, Any]:
     ids = engine.encode(prompt, check_length=False)  # long texts slide a window instead of failing
     async with limit or contextlib.nullcontext():
         scored = await engine.score(ids, stride=spec.score.stride, score_first_token=spec.score.score_first_token,

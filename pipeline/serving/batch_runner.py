@@ -8,7 +8,8 @@ answer each request line with ``openai_batch.BatchAnswerer`` at batch priority (
 
 Sharing the fleet: batches start in creation order (FIFO), ``BatchAPIConfig.concurrent`` at once;
 all of them and ``run --via-serve`` jobs share each replica's batch slots
-(``ServeConfig.max_batch_in_flight``) while online requests keep their priority.
+(``ServeConfig.max_batch_in_flight``; ``max_batch_in_flight_online`` while online requests are in
+flight: ``admission.BatchSlots``) while online requests keep their priority.
 
 Durable: state is a file in storage, written atomically at every step. A new runner (``serve``
 restarted on the same storage, or the runner's replica replaced) queues every unfinished batch

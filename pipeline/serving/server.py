@@ -32,6 +32,7 @@ from pipeline.engine import PRIORITY_BATCH, PRIORITY_ONLINE, Engine
 from pipeline.openai_batch import BatchAnswerer
 from pipeline.records import RowSpec, process_batch
 from pipeline.serving import batch_routes
+from pipeline.serving.admission import BatchSlots
 from pipeline.serving.batch_runner import runner
 from pipeline.serving.batch_store import BatchStore
 
@@ -192,7 +193,7 @@ class LLMServer:
         self.metrics = Metrics(replica)
         self.active = 0
         self.batch_jobs: dict[str, int] = {}
-        self._batch_slots: Optional[asyncio.Semaphore] = None
+        self._batch_slots = BatchSlots(cfg.max_batch_in_flight, cfg.max_batch_in_flight_online)
         self._app: Optional[FastAPI] = None
         self._http: Optional[asyncio.Task] = None
         self.batch_store = BatchStore(cfg.batches.storage_uri())
@@ -229,8 +230,7 @@ class LLMServer:
         if self.active >= self.cfg.engine.max_in_flight + self.cfg.max_queued_requests:
             meter.done(429)
             raise APIError(429, "the server is at capacity; retry later", code="queue_full", retry_after=1)
-        self.active += 1
-        self.metrics.active.set(self.active)
+        self._online(+1)
         status = 200
         try:
             yield meter
@@ -241,8 +241,7 @@ class LLMServer:
             status = 500
             raise
         finally:
-            self.active -= 1
-            self.metrics.active.set(self.active)
+            self._online(-1)
             if not meter.streaming:
                 meter.done(status)
 
@@ -251,13 +250,18 @@ class LLMServer:
 
     async def tail(self, events: AsyncIterator[str], meter: Meter) -> AsyncIterator[str]:
         """Keep a stream counted as active until it ends (or the client leaves)."""
-        self.active += 1
+        self._online(+1)
         try:
             async for event in events:
                 yield event
         finally:
-            self.active -= 1
+            self._online(-1)
             meter.done(200)
+
+    def _online(self, delta: int) -> None:
+        self.active += delta
+        self.metrics.active.set(self.active)
+        self._batch_slots.online(delta)
 
     # ---- batch jobs through the same replicas (run --via-serve, the Batch API) ----------------
     async def process_batch(self, batch: pa.Table, spec: RowSpec, job_id: str = "") -> pa.Table:
@@ -279,8 +283,6 @@ class LLMServer:
     @contextmanager
     def _batch_call(self, job_id: str) -> Iterator[None]:
         """Count a batch call while it runs; the replica's batch slots bound its rows in the engine."""
-        if self._batch_slots is None:
-            self._batch_slots = asyncio.Semaphore(self.cfg.max_batch_in_flight)
         self.batch_jobs[job_id] = self.batch_jobs.get(job_id, 0) + 1
         self.metrics.batch_calls.inc()
         self.metrics.batch_jobs.set(len(self.batch_jobs))

@@ -25,7 +25,7 @@ def keyed_server(tmp_path_factory):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url)
+        wait_healthy(url, proc=proc)  # a server that exits fails the test at once
         # a direct-ingress replica answers as soon as it listens; the CLI prints its banner once
         # Serve reports the whole application ready, a moment later
         deadline = time.monotonic() + 180

@@ -37,27 +37,30 @@ class BatchSlots:
             self._wake()
 
     async def __aenter__(self) -> None:
-        while self.inside >= self.bound:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                else:  # woken, then cancelled: hand the slot on
-                    self._wake()
-                raise
-        self.inside += 1
+        if self.inside < self.bound and not self._waiters:
+            self.inside += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)  # first come, first served: a woken row's slot is reserved
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # woken, then cancelled: hand the slot on
+                self.inside -= 1
+                self._wake()
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
 
     async def __aexit__(self, *exc: Any) -> None:
         self.inside -= 1
         self._wake()
 
     def _wake(self) -> None:
-        free = self.bound - self.inside
-        while free > 0 and self._waiters:
+        """Give free slots to the longest waiting rows, in order (each woken row's slot is counted
+        at once, so a row arriving meanwhile cannot take it)."""
+        while self._waiters and self.inside < self.bound:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                free -= 1
+                self.inside += 1

@@ -53,6 +53,26 @@ def test_a_cancelled_waiter_hands_its_slot_on():
     asyncio.run(main())
 
 
+def test_a_freed_slot_goes_to_the_longest_waiting_row_not_a_newcomer():
+    """First come, first served, as asyncio.Semaphore: a slice's rows are not overtaken by a later
+    slice's, so slices finish in the order they came."""
+    async def main() -> None:
+        slots, entered, leave = BatchSlots(idle=1, busy=1), [], asyncio.Event()
+        await slots.__aenter__()  # the one slot is held
+        queued = asyncio.create_task(_enter(slots, entered, leave, 1))
+        await asyncio.sleep(0)  # row 1 waits
+        newcomer = asyncio.create_task(_enter(slots, entered, leave, 2))  # first runs after the release
+        await slots.__aexit__(None, None, None)  # the slot is row 1's, though row 2 runs first
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert entered == [1] and slots.inside == 1
+        leave.set()
+        await asyncio.gather(queued, newcomer)
+        assert entered == [1, 2] and slots.inside == 0
+
+    asyncio.run(main())
+
+
 def test_bad_bounds_are_refused():
     with pytest.raises(ValueError):
         BatchSlots(idle=0, busy=1)

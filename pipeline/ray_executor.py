@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -49,15 +48,12 @@ class _BlockActor:
 
 
 def _passive_omp_waits(engine: EngineConfig) -> None:
-    """A CPU engine in an actor: its OpenMP threads sleep at the end of a parallel region instead
-    of spinning (``OMP_WAIT_POLICY=PASSIVE``, read when torch loads OpenMP, so before it is
-    imported; a value the user set is kept), as a Serve replica's engine core does
-    (``engine.args.passive_omp_waits``). Spinning threads lose their core to Ray's own processes
-    (raylet, agents, Ray Data's helpers) and then hold the others at every barrier. Measured
-    2026-12-03 (``demo``, 100,000 one-token rows, 1 replica on 2 cores): the actor's steady
-    phase (first to last shard) 53.4 s against 56.3-61.4 s spinning."""
-    if not engine.gpus_per_replica and "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """A CPU engine actor's OpenMP threads wait passively (``engine.args.passive_omp_waits``):
+    set before this process imports torch, which starts OpenMP."""
+    from pipeline.engine.args import passive_omp_waits  # neither torch nor vLLM
+
+    if "torch" not in sys.modules:
+        passive_omp_waits(cpu=not engine.gpus_per_replica)
 
 
 class EngineActor(_BlockActor):

@@ -300,3 +300,7 @@ def test_engine_core_process_gets_passive_omp_waits_unless_set(monkeypatch):
     assert passive_omp_waits() is False and os.environ[OMP_WAIT_KEY] == "ACTIVE"  # the user's value is kept
     monkeypatch.delenv(OMP_WAIT_KEY)
     assert passive_omp_waits() is True and os.environ[OMP_WAIT_KEY] == "PASSIVE"
+    # a Ray Data engine actor says whether it runs on CPU (it must not import vLLM before torch)
+    monkeypatch.delenv(OMP_WAIT_KEY)
+    assert passive_omp_waits(cpu=False) is False and OMP_WAIT_KEY not in os.environ  # GPU actors untouched
+    assert passive_omp_waits(cpu=True) is True and os.environ[OMP_WAIT_KEY] == "PASSIVE"

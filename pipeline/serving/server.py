@@ -191,7 +191,6 @@ class LLMServer:
         except Exception:
             replica = "local"
         self.metrics = Metrics(replica)
-        self.active = 0
         self.batch_jobs: dict[str, int] = {}
         self._batch_slots = BatchSlots(cfg.max_batch_in_flight, cfg.max_batch_in_flight_online)
         self._app: Optional[FastAPI] = None
@@ -258,10 +257,14 @@ class LLMServer:
             self._online(-1)
             meter.done(200)
 
+    @property
+    def active(self) -> int:
+        """Online requests in flight (the batch slots keep the count: they narrow while it is > 0)."""
+        return self._batch_slots.online_requests
+
     def _online(self, delta: int) -> None:
-        self.active += delta
-        self.metrics.active.set(self.active)
         self._batch_slots.online(delta)
+        self.metrics.active.set(self.active)
 
     # ---- batch jobs through the same replicas (run --via-serve, the Batch API) ----------------
     async def process_batch(self, batch: pa.Table, spec: RowSpec, job_id: str = "") -> pa.Table:

@@ -76,21 +76,22 @@ def discard_engine(engine: Any) -> None:
     _stop(engine)
 
 
-def shutdown_warm(timeout: Optional[float] = None) -> None:
-    """Shut every warm engine down (at exit, or when a caller wants the memory back)."""
+def shutdown_warm(timeout: Optional[float] = None, free: bool = True) -> None:
+    """Shut every warm engine down (at exit, or when a caller wants the memory back; ``free``:
+    see ``Engine.shutdown``)."""
     while _warm:
-        _stop(_warm.popitem()[1], timeout)
+        _stop(_warm.popitem()[1], timeout, free)
 
 
-def _stop(engine: Any, timeout: Optional[float] = None) -> None:
+def _stop(engine: Any, timeout: Optional[float] = None, free: bool = True) -> None:
     """Shut an engine down on the loop it runs on: AsyncLLM cancels its output task there (from
     another thread the task may first see its engine core die, and log that as a failure)."""
     if _loop is None or not _loop.is_running() or threading.current_thread() is _loop_thread:
-        engine.shutdown(timeout)
+        engine.shutdown(timeout, free)
         return
 
     async def stop() -> None:
-        engine.shutdown(timeout)
+        engine.shutdown(timeout, free)
 
     asyncio.run_coroutine_threadsafe(stop(), _loop).result()
 

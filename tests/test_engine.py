@@ -182,6 +182,56 @@ def test_in_process_engine_asks_for_one_malloc_arena(monkeypatch):
     assert one_malloc_arena() is False
 
 
+def test_in_process_engine_keeps_a_steps_large_buffers_in_the_heap(engine, monkeypatch):
+    """Once the in-process engine is built, a large allocation (a step's logits: 51 MB at 256
+    sequences of GPT-2) comes from glibc's heap instead of a fresh mapping the kernel faults in
+    page by page; a user's own malloc settings are kept."""
+    import ctypes
+    import platform
+
+    from pipeline.engine.inproc import keep_step_buffers
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc only")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    assert engine.in_process
+    mapped = libc.mallinfo2().hblks
+    block = bytearray(64 * 2**20)  # malloc'd by Python, above glibc's largest mmap threshold
+    assert libc.mallinfo2().hblks == mapped and len(block) == 64 * 2**20
+    del block
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
+    assert keep_step_buffers() is False
+
+
+def test_in_process_engine_shares_vllms_thread_safe_tokenizer(engine, loop):
+    """The caller's thread encodes with vLLM's tokenizer pool (each call borrows a copy of its
+    own) while the engine thread detokenizes: no second deep copy at start-up, and a tokenizer
+    that is not such a pool gets a copy of its own."""
+    from vllm.tokenizers.hf import ThreadSafeHFTokenizerMixin
+
+    from pipeline.engine.inproc import own_tokenizer
+
+    tokenizer = engine._llm.get_tokenizer()
+    assert isinstance(tokenizer, ThreadSafeHFTokenizerMixin) and own_tokenizer(tokenizer) is tokenizer
+    plain = {"vocab": [1, 2]}
+    assert own_tokenizer(plain) == plain and own_tokenizer(plain) is not plain
+
+    async def encode_while_generating():
+        busy = asyncio.ensure_future(engine.complete(engine.encode(PROMPTS[0]), SamplingConfig(max_tokens=32)))
+        ids = [engine.encode(p) for p in PROMPTS * 20]
+        return ids, await busy
+
+    ids, done = loop.run(encode_while_generating())
+    assert ids[:len(PROMPTS)] == ids[-len(PROMPTS):] and len(done.samples[0].token_ids) == 32
+
+
 def test_in_process_engine_caps_onednn_primitive_cache(engine, monkeypatch):
     """vLLM's CPU kernels keep a oneDNN primitive per batch size; the in-process engine caps
     oneDNN's cache (set before its first primitive) unless the user chose a capacity."""

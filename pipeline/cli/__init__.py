@@ -45,7 +45,8 @@ def _release_engines() -> None:
     """A command runs one job: its in-process engine stops at once (an engine-core process
     gets 1 s to exit; vLLM would wait 5 s, then kill it and say so), and the terminal keeps only
     our own output. The heap is frozen first: vLLM's shutdown collects garbage twice, which walks
-    every object of vLLM and torch (about 2 s here)."""
+    every object of vLLM and torch (about 2 s here). An in-process engine is only stopped: its
+    memory leaves with the process (``_leave`` skips the interpreter's teardown)."""
     inline = sys.modules.get("pipeline.inline")
     if inline is not None:
         import gc
@@ -53,7 +54,7 @@ def _release_engines() -> None:
 
         gc.freeze()
         logging.getLogger("vllm").setLevel(logging.CRITICAL + 1)  # its handler reports the kill as an error
-        inline.shutdown_warm(timeout=1.0)
+        inline.shutdown_warm(timeout=1.0, free=False)
 
 
 def _leave(code: object) -> None:

@@ -323,13 +323,14 @@ class Engine:
     def queued(self) -> int:
         return self._llm.get_num_unfinished_requests()
 
-    def shutdown(self, timeout: Optional[float] = None) -> None:
+    def shutdown(self, timeout: Optional[float] = None, free: bool = True) -> None:
         """Stop the engine (``timeout``: seconds an engine-core process gets to exit before it is
-        killed, vLLM's default 5; an in-process engine stops after its current step)."""
+        killed, vLLM's default 5; an in-process engine stops after its current step, and keeps
+        its memory with ``free=False``: for a process about to leave without its teardown)."""
         llm, self._llm = self._llm, None  # freed now: vLLM's __del__ at interpreter exit is noisy
         if llm is not None:
             try:
-                llm.shutdown(timeout=timeout)
+                llm.shutdown(timeout=timeout, free=free) if self.in_process else llm.shutdown(timeout=timeout)
             finally:
                 if self.in_process:
                     _IN_PROCESS.release()

@@ -48,12 +48,12 @@ class _BlockActor:
 
 
 def _passive_omp_waits(engine: EngineConfig) -> None:
-    """A CPU engine actor's OpenMP threads wait passively (``engine.args.passive_omp_waits``):
+    """A CPU engine actor's OpenMP threads wait passively (``engine.args.short_omp_waits``):
     set before this process imports torch, which starts OpenMP."""
-    from pipeline.engine.args import passive_omp_waits  # neither torch nor vLLM
+    from pipeline.engine.args import short_omp_waits  # neither torch nor vLLM
 
     if "torch" not in sys.modules:
-        passive_omp_waits(cpu=not engine.gpus_per_replica)
+        short_omp_waits(cpu=not engine.gpus_per_replica)
 
 
 class EngineActor(_BlockActor):

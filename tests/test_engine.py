@@ -343,14 +343,21 @@ def test_scoring_shares_the_warm_generation_engine(engine, loop):
     assert loop.run(get(Task.score)) is loop.run(get(Task.generate))
 
 
-def test_engine_core_process_gets_passive_omp_waits_unless_set(monkeypatch):
-    from pipeline.engine.args import OMP_WAIT_KEY, passive_omp_waits
+def test_engine_core_process_gets_short_omp_waits_unless_set(monkeypatch):
+    from pipeline.engine.args import OMP_SPIN_KEY, OMP_WAIT_KEY, REPLICA_OMP_SPIN, short_omp_waits
 
+    monkeypatch.delenv(OMP_SPIN_KEY, raising=False)
     monkeypatch.setenv(OMP_WAIT_KEY, "ACTIVE")
-    assert passive_omp_waits() is False and os.environ[OMP_WAIT_KEY] == "ACTIVE"  # the user's value is kept
+    assert short_omp_waits() is False and os.environ[OMP_WAIT_KEY] == "ACTIVE"  # the user's value is kept
     monkeypatch.delenv(OMP_WAIT_KEY)
-    assert passive_omp_waits() is True and os.environ[OMP_WAIT_KEY] == "PASSIVE"
+    assert short_omp_waits() is True and os.environ[OMP_WAIT_KEY] == "PASSIVE"
     # a Ray Data engine actor says whether it runs on CPU (it must not import vLLM before torch)
     monkeypatch.delenv(OMP_WAIT_KEY)
-    assert passive_omp_waits(cpu=False) is False and OMP_WAIT_KEY not in os.environ  # GPU actors untouched
-    assert passive_omp_waits(cpu=True) is True and os.environ[OMP_WAIT_KEY] == "PASSIVE"
+    assert short_omp_waits(cpu=False) is False and OMP_WAIT_KEY not in os.environ  # GPU actors untouched
+    assert short_omp_waits(cpu=True) is True and os.environ[OMP_WAIT_KEY] == "PASSIVE"
+    # a replica's engine core: a short spin, then sleep; a user's spin count is kept
+    monkeypatch.delenv(OMP_WAIT_KEY)
+    assert short_omp_waits(spin=REPLICA_OMP_SPIN) is True and os.environ[OMP_SPIN_KEY] == str(REPLICA_OMP_SPIN)
+    assert OMP_WAIT_KEY not in os.environ
+    monkeypatch.setenv(OMP_SPIN_KEY, "7")
+    assert short_omp_waits(spin=REPLICA_OMP_SPIN) is False and os.environ[OMP_SPIN_KEY] == "7"

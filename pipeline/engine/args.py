@@ -104,27 +104,39 @@ def engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, col
 
 
 OMP_WAIT_KEY = "OMP_WAIT_POLICY"
+OMP_SPIN_KEY = "GOMP_SPINCOUNT"
+REPLICA_OMP_SPIN = 2_000  # spins before a Serve replica engine core's OpenMP thread sleeps
 
 
-def passive_omp_waits(cpu: Optional[bool] = None) -> bool:
+def short_omp_waits(cpu: Optional[bool] = None, spin: int = 0) -> bool:
     """Before a CPU engine starts in a process whose OpenMP runtime is not up yet (a Serve
     replica's engine core, or a Ray Data engine actor before it imports torch): its OpenMP threads
-    are to sleep when a parallel region ends instead of spinning (``OMP_WAIT_POLICY=PASSIVE``; a
-    value the user set is kept). Spinning threads held the cores that the replica's own process
-    needs for HTTP, tokenizing and outputs, or lost them to Ray's processes and then held the
-    engine at every barrier. Measured (``demo``, 2 cores): a replica's 3,000-request batch 44.1 ->
-    38.4 s and idle TTFT p50 58 -> 40 ms (``benchmarks/batch_api.py``, 2026-12-02); a Ray Data
-    actor's steady phase over 100,000 one-token rows 53.4 s against 56.3-61.4 s spinning
-    (2026-12-03). A process whose OpenMP runtime is already up keeps its own setting. ``cpu``:
-    whether the engine runs on CPU, when the caller knows it without importing vLLM; else vLLM's
-    platform says. Returns whether it was set here."""
+    are to sleep soon after a parallel region ends, not spin for GNU OpenMP's default 300,000
+    rounds. ``spin=0``: at once (``OMP_WAIT_POLICY=PASSIVE``); else after ``spin`` rounds
+    (``GOMP_SPINCOUNT``). A value the user set for either is kept, and a process whose OpenMP
+    runtime is already up keeps its own.
+
+    Long spins held the cores that the replica's own process needs for HTTP, tokenizing and
+    outputs, or lost them to Ray's processes and then held the engine at every barrier. Measured
+    (``demo``, 2 cores): a replica's 3,000-request batch 44.1 -> 38.4 s and idle TTFT p50 58 -> 40
+    ms passive against the default (``benchmarks/batch_api.py``, 2026-12-02); a Ray Data actor's
+    steady phase over 100,000 one-token rows 53.4 s against 56.3-61.4 s spinning (2026-12-03).
+    Sleeping at once costs a wake-up per operator, though, which a step of a few sequences pays
+    hundreds of times: ``serve`` on ``gpt2-small-random``, vLLM's load generator, 1 / 8 streams:
+    64.6 / 338 tok/s passive, 80.3 / 368 spinning 20,000 rounds, 82.1 / 407 spinning 2,000
+    (2026-12-03), hence ``REPLICA_OMP_SPIN`` for replicas. ``cpu``: whether the engine runs on
+    CPU, when the caller knows it without importing vLLM; else vLLM's platform says. Returns
+    whether it was set here."""
     if cpu is None:
         from vllm.platforms import current_platform
 
         cpu = current_platform.is_cpu()
-    if not cpu or OMP_WAIT_KEY in os.environ:
+    if not cpu or OMP_WAIT_KEY in os.environ or OMP_SPIN_KEY in os.environ:
         return False
-    os.environ[OMP_WAIT_KEY] = "PASSIVE"
+    if spin:
+        os.environ[OMP_SPIN_KEY] = str(spin)
+    else:
+        os.environ[OMP_WAIT_KEY] = "PASSIVE"
     return True
 
 

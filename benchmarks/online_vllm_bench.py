@@ -53,6 +53,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--first-round", type=int, default=1, help="Number of the first round (odd: vLLM first), to continue a series.")
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--requests-per-stream", type=int, default=8, help="Prompts per level = streams x this (at least 16).")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -71,7 +72,8 @@ def main() -> None:
     tokenizer = str(resolve_model(a.model))
     levels = [int(x) for x in a.concurrency.split(",")]
     runs: list[dict[str, Any]] = []
-    for rnd in range(1, a.rounds + 1):
+    rounds = range(a.first_round, a.first_round + a.rounds)
+    for rnd in rounds:
         for system in (("vllm", "ours") if rnd % 2 else ("ours", "vllm")):
             port = free_port()
             if system == "ours":
@@ -92,12 +94,17 @@ def main() -> None:
                     run["levels"].append({"concurrency": c, **level})
                     print(f"[round {rnd}] {system:5s} {c:3d} streams: {level['output_throughput']:8.1f} tok/s, "
                           f"TTFT p50 {level['median_ttft_ms']:7.1f} ms, failed {level['failed']}", flush=True)
+            except RuntimeError as exc:  # a server that did not start: kept in the results, the series goes on
+                run["error"] = str(exc)[-2000:]
+                print(f"[round {rnd}] {system:5s} did not run: {str(exc).splitlines()[0]}", flush=True)
             finally:
                 stop(server)
             runs.append(run)
     print("\nours / vLLM, output tok/s and TTFT p50, per round:")
-    for rnd in range(1, a.rounds + 1):
-        by = {r["system"]: r for r in runs if r["round"] == rnd}
+    for rnd in rounds:
+        by = {r["system"]: r for r in runs if r["round"] == rnd and r["levels"]}
+        if len(by) < 2:
+            continue
         for lv, lo in zip(by["vllm"]["levels"], by["ours"]["levels"]):
             print(f"  round {rnd}, {lv['concurrency']:3d} streams: tok/s {lo['output_throughput'] / lv['output_throughput']:.2f}x, "
                   f"TTFT p50 {lo['median_ttft_ms'] / lv['median_ttft_ms']:.2f}x "

@@ -34,12 +34,13 @@ def test_replica_engine_core_runs_the_model_without_a_worker(client):
 
 
 def test_replica_engine_core_lets_its_threads_sleep(client):
-    """The replica's engine-core processes start with OMP_WAIT_POLICY=PASSIVE (their OpenMP
-    threads do not spin on the cores the replica's own process needs) and with oneDNN's primitive
-    cache capped, as the in-process engine's (its memory does not grow with every batch size)."""
+    """The replica's engine-core processes start with a short OpenMP spin (GOMP_SPINCOUNT: their
+    threads soon sleep instead of spinning on the cores the replica's own process needs) and with
+    oneDNN's primitive cache capped, as the in-process engine's (its memory does not grow with
+    every batch size)."""
     import psutil
 
-    from pipeline.engine.args import ONEDNN_CACHE, ONEDNN_CACHE_ENV
+    from pipeline.engine.args import ONEDNN_CACHE, ONEDNN_CACHE_ENV, OMP_SPIN_KEY, OMP_WAIT_KEY, REPLICA_OMP_SPIN
 
     cores = []
     for proc in psutil.process_iter():
@@ -49,10 +50,10 @@ def test_replica_engine_core_lets_its_threads_sleep(client):
             # a replica's engine core (not one another test started in the test process)
             if is_core and parent is not None and "ServeReplica" in " ".join(parent.cmdline()):
                 env = proc.environ()
-                cores.append((env.get("OMP_WAIT_POLICY"), env.get(ONEDNN_CACHE_ENV)))
+                cores.append((env.get(OMP_WAIT_KEY), env.get(OMP_SPIN_KEY), env.get(ONEDNN_CACHE_ENV)))
         except psutil.Error:
             continue
-    assert cores and set(cores) == {("PASSIVE", str(ONEDNN_CACHE))}, cores
+    assert cores and set(cores) == {(None, str(REPLICA_OMP_SPIN), str(ONEDNN_CACHE))}, cores
 
 
 def test_plain_completion_greedy_is_deterministic(client):

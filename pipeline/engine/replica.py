@@ -330,7 +330,10 @@ class Engine:
         llm, self._llm = self._llm, None  # freed now: vLLM's __del__ at interpreter exit is noisy
         if llm is not None:
             try:
-                llm.shutdown(timeout=timeout, free=free) if self.in_process else llm.shutdown(timeout=timeout)
+                if self.in_process:
+                    llm.shutdown(timeout=timeout, free=free)
+                else:
+                    llm.shutdown(timeout=timeout)
             finally:
                 if self.in_process:
                     _IN_PROCESS.release()

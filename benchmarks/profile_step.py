@@ -5,7 +5,7 @@ profiled with torch's profiler (operators by self time).
     python benchmarks/profile_step.py --model gpt2-small-random --ours   # with our in-process engine's
                                                                           # CPU choices (GELU, step buffers)
 
-Each round generates the same prompts (greedy, EOS ignored) after a small warm-up; ``--profile``
+Each round generates the same prompts (``pipeline.prompts.make_prompts``, as ``offline.py``; greedy, EOS ignored) after a small warm-up; ``--profile``
 then runs one more round under ``torch.profiler`` and prints its top operators. ``--ours`` applies
 what our in-process engine adds to vLLM on a CPU: ATen's fused tanh GELU for half precision
 (``engine/cpu_ops.py``) and, once the engine is built, a step's large buffers kept in glibc's heap
@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,8 +47,9 @@ def main() -> None:
         from pipeline.engine.inproc import keep_step_buffers
 
         keep_step_buffers()
-    rng = random.Random(0)
-    prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(a.rows)]
+    from pipeline.prompts import make_prompts
+
+    prompts = make_prompts(a.rows)  # the prompt set offline.py measures (log-normal lengths)
     params = SamplingParams(max_tokens=a.max_tokens, temperature=0, ignore_eos=True)
     llm.generate(prompts[:8], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)  # warm-up
     for r in range(1, a.rounds + 1):

@@ -333,6 +333,39 @@ def test_dead_in_process_engine_fails_every_request_and_health(tmp_path):
     assert "DEAD-ENGINE-OK" in done.stdout, done.stderr[-3000:]
 
 
+LEFT_RUNNING = """
+import asyncio, gc, os
+from pipeline.config import EngineConfig, SamplingConfig
+from pipeline.engine import Engine
+
+async def main():
+    engine = Engine(EngineConfig(model="demo"), in_process=True)
+    done = await engine.complete(engine.encode("The history of the city begins"), SamplingConfig(max_tokens=4))
+    finalizer = engine._llm._engine.engine_core._finalizer  # holds no reference to the engine
+    engine.shutdown(free=False)
+    del engine
+    gc.collect()
+    print("LEFT", len(done.samples[0].token_ids), finalizer.alive, flush=True)
+    os._exit(0)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_engine_stopped_without_freeing_skips_vllms_shutdown(tmp_path):
+    """``shutdown(free=False)`` (a CLI job's end, just before the process leaves) stops the
+    engine thread and keeps vLLM's engine referenced: dropped, its finalizer would run vLLM's
+    whole shutdown (1.5 s on ``gpt2-small-random``), which the process leaving makes moot."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "left_running.py"
+    script.write_text(LEFT_RUNNING)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert "LEFT 4 True" in done.stdout, done.stdout[-1000:] + done.stderr[-3000:]
+
+
 def test_scoring_shares_the_warm_generation_engine(engine, loop):
     from pipeline.config import EngineConfig, Task
     from pipeline.inline import warm_engine
@@ -361,3 +394,51 @@ def test_engine_core_process_gets_short_omp_waits_unless_set(monkeypatch):
     assert OMP_WAIT_KEY not in os.environ
     monkeypatch.setenv(OMP_SPIN_KEY, "7")
     assert short_omp_waits(spin=REPLICA_OMP_SPIN) is False and os.environ[OMP_SPIN_KEY] == "7"
+
+
+HEAP_CHECK = """
+import ctypes
+class M(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = M
+libc.malloc.restype = ctypes.c_void_p
+mapped = []
+for size in (51 * 2**20, 51 * 2**20, 512 * 2**20):  # a step's logits twice, then a KV cache
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(size)
+    mapped.append(libc.mallinfo2().hblks - before)
+    libc.free(ctypes.c_void_p(block))
+print("MAPPED", mapped)
+"""
+
+
+def test_engine_core_process_keeps_step_buffers_in_the_heap_unless_set(monkeypatch, tmp_path):
+    """A replica's engine-core process starts with glibc told to serve a step's 51 MB logits from
+    its heap and keep them there (the KV cache is still mapped), unless the user tuned glibc."""
+    import platform
+    import subprocess
+    import sys
+
+    from pipeline.engine.args import CORE_KEEP_FREE, CORE_MMAP_THRESHOLD, MALLOC_ENV, heap_step_buffers
+
+    for key in MALLOC_ENV:  # set, then unset: the test's end restores each as it was
+        monkeypatch.setenv(key, "0")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
+    assert heap_step_buffers() is False and "MALLOC_MMAP_THRESHOLD_" not in os.environ  # the user's choice
+    monkeypatch.delenv("MALLOC_MMAP_MAX_")
+    assert heap_step_buffers() is True
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(CORE_MMAP_THRESHOLD)
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == str(CORE_KEEP_FREE)
+    if platform.libc_ver()[0] != "glibc":
+        return
+    script = tmp_path / "heap_check.py"
+    script.write_text(HEAP_CHECK)
+    child = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "MAPPED [0, 0, 1]" in child.stdout, child.stdout + child.stderr  # glibc took the values
+    for key in MALLOC_ENV:
+        os.environ.pop(key, None)
+    child = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "MAPPED [1, 1, 1]" in child.stdout, child.stdout + child.stderr  # glibc's own choices

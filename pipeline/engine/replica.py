@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 from pipeline.config import EngineConfig, SamplingConfig, Task
 from pipeline.engine.args import (
-    REPLICA_OMP_SPIN, cap_onednn_cache, engine_args, model_in_engine_core, one_cpu_worker, short_omp_waits,
+    REPLICA_OMP_SPIN, cap_onednn_cache, engine_args, heap_step_buffers, model_in_engine_core, one_cpu_worker, short_omp_waits,
 )
 from pipeline.engine.decoding import beam_search, best_of, check_job_sampling, check_sampling, sampling_params
 from pipeline.engine.precision import resolve_dtype
@@ -74,6 +74,7 @@ class Engine:
                     from vllm.v1.engine.async_llm import AsyncLLM
 
                     short_omp_waits(spin=REPLICA_OMP_SPIN)
+                    heap_step_buffers()
                     cap_onednn_cache()
                     self._llm = AsyncLLM.from_engine_args(args)
         except BaseException:

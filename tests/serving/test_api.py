@@ -37,10 +37,12 @@ def test_replica_engine_core_lets_its_threads_sleep(client):
     """The replica's engine-core processes start with a short OpenMP spin (GOMP_SPINCOUNT: their
     threads soon sleep instead of spinning on the cores the replica's own process needs) and with
     oneDNN's primitive cache capped, as the in-process engine's (its memory does not grow with
-    every batch size)."""
+    every batch size), and glibc keeps a step's large buffers in the heap (no mapping per step)."""
     import psutil
 
-    from pipeline.engine.args import ONEDNN_CACHE, ONEDNN_CACHE_ENV, OMP_SPIN_KEY, OMP_WAIT_KEY, REPLICA_OMP_SPIN
+    from pipeline.engine.args import (
+        CORE_MMAP_THRESHOLD, ONEDNN_CACHE, ONEDNN_CACHE_ENV, OMP_SPIN_KEY, OMP_WAIT_KEY, REPLICA_OMP_SPIN,
+    )
 
     cores = []
     for proc in psutil.process_iter():
@@ -50,10 +52,11 @@ def test_replica_engine_core_lets_its_threads_sleep(client):
             # a replica's engine core (not one another test started in the test process)
             if is_core and parent is not None and "ServeReplica" in " ".join(parent.cmdline()):
                 env = proc.environ()
-                cores.append((env.get(OMP_WAIT_KEY), env.get(OMP_SPIN_KEY), env.get(ONEDNN_CACHE_ENV)))
+                cores.append((env.get(OMP_WAIT_KEY), env.get(OMP_SPIN_KEY), env.get(ONEDNN_CACHE_ENV),
+                              env.get("MALLOC_MMAP_THRESHOLD_")))
         except psutil.Error:
             continue
-    assert cores and set(cores) == {(None, str(REPLICA_OMP_SPIN), str(ONEDNN_CACHE))}, cores
+    assert cores and set(cores) == {(None, str(REPLICA_OMP_SPIN), str(ONEDNN_CACHE), str(CORE_MMAP_THRESHOLD))}, cores
 
 
 def test_plain_completion_greedy_is_deterministic(client):

@@ -56,6 +56,8 @@ def warm_engine(config: Any, task: Any) -> Any:
 
     # scoring runs on a generation engine, shared when both resolve to the same dtype
     kind = Task.embed if Task(task) == Task.embed else Task.generate
+    if not any(key[:2] == (config.model_dump_json(), kind.value) for key in _warm):
+        zero_kv_cache_early(config)
     key = (config.model_dump_json(), kind.value, resolve_dtype(config, task).dtype)
     if key in _warm:
         _warm.move_to_end(key)
@@ -66,6 +68,18 @@ def warm_engine(config: Any, task: Any) -> Any:
     atexit.unregister(shutdown_warm)  # run before vLLM's own exit hooks (atexit is last-in, first-out)
     atexit.register(shutdown_warm)
     return engine
+
+
+def zero_kv_cache_early(config: Any) -> None:
+    """A CPU engine about to be built: its KV cache is zeroed on the other core while vLLM
+    imports (``engine.cpu_ops.prefault_kv_cache``; float32's size, an upper bound)."""
+    if config.gpus_per_replica:
+        return
+    from pipeline.engine.args import cpu_kv_cache_bytes
+    from pipeline.engine.cpu_ops import prefault_kv_cache
+    from pipeline.models import resolve_model
+
+    prefault_kv_cache(cpu_kv_cache_bytes(config, resolve_model(config.model, config.revision, config.offline), "float32"))
 
 
 def discard_engine(engine: Any) -> None:

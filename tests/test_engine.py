@@ -336,16 +336,30 @@ def test_dead_in_process_engine_fails_every_request_and_health(tmp_path):
 LEFT_RUNNING = """
 import asyncio, gc, os
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.engine import Engine
+from pipeline.engine import cpu_ops
+from pipeline.inline import warm_engine
+
+taken = []
+take = cpu_ops.take_prefaulted
+
+def record(nbytes):
+    buffer = take(nbytes)
+    taken.append(None if buffer is None else buffer.data_ptr())
+    return buffer
+
+cpu_ops.take_prefaulted = record
 
 async def main():
-    engine = Engine(EngineConfig(model="demo"), in_process=True)
+    engine = warm_engine(EngineConfig(model="demo"), "generate")  # a job's engine: its KV cache zeroed early
+    runner = engine._llm._engine.model_executor.driver_worker.worker.model_runner
+    kv = {t.untyped_storage().data_ptr() for t in runner.kv_caches}
+    print("KV", taken[0] is not None and kv == {taken[0]}, flush=True)
     done = await engine.complete(engine.encode("The history of the city begins"), SamplingConfig(max_tokens=4))
     finalizer = engine._llm._engine.engine_core._finalizer  # holds no reference to the engine
     engine.shutdown(free=False)
     del engine
     gc.collect()
-    print("LEFT", len(done.samples[0].token_ids), finalizer.alive, flush=True)
+    print("LEFT", len(done.samples[0].token_ids), finalizer.alive, finalizer.atexit, flush=True)
     os._exit(0)
 
 if __name__ == "__main__":
@@ -353,17 +367,19 @@ if __name__ == "__main__":
 """
 
 
-def test_engine_stopped_without_freeing_skips_vllms_shutdown(tmp_path):
-    """``shutdown(free=False)`` (a CLI job's end, just before the process leaves) stops the
-    engine thread and keeps vLLM's engine referenced: dropped, its finalizer would run vLLM's
-    whole shutdown (1.5 s on ``gpt2-small-random``), which the process leaving makes moot."""
+def test_job_engine_takes_its_kv_cache_zeroed_early_and_skips_vllms_shutdown(tmp_path):
+    """A job's engine (``inline.warm_engine``) gets its KV cache zeroed on another thread while
+    vLLM imports: the cache vLLM allocates is that buffer. ``shutdown(free=False)`` (a CLI job's
+    end, just before the process leaves) stops the engine thread and keeps vLLM's engine
+    referenced, its finalizer kept from running at exit: either way it would run vLLM's whole
+    shutdown (1.5 s on ``gpt2-small-random``), which the process leaving makes moot."""
     import subprocess
     import sys
 
     script = tmp_path / "left_running.py"
     script.write_text(LEFT_RUNNING)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
-    assert "LEFT 4 True" in done.stdout, done.stdout[-1000:] + done.stderr[-3000:]
+    assert "KV True" in done.stdout and "LEFT 4 True False" in done.stdout, done.stdout[-1000:] + done.stderr[-3000:]
 
 
 def test_scoring_shares_the_warm_generation_engine(engine, loop):

@@ -61,9 +61,10 @@ class Engine:
         args = engine_args(config, self.task, priority_scheduling, colocated, precision=self.precision)
         self.in_process = in_process and one_cpu_worker(args) and _IN_PROCESS.acquire(blocking=False)
         if self.in_process:
-            from pipeline.engine.cpu_ops import use_fused_gelu
+            from pipeline.engine.cpu_ops import use_fused_gelu, use_prefaulted_kv_cache
 
             use_fused_gelu()  # before the model is built: its layers pick their forward then
+            use_prefaulted_kv_cache()
         try:
             with model_in_engine_core(args):
                 if self.in_process:
@@ -81,6 +82,10 @@ class Engine:
             if self.in_process:
                 _IN_PROCESS.release()
             raise
+        finally:
+            from pipeline.engine.cpu_ops import drop_prefaulted
+
+            drop_prefaulted()  # zeroed for an engine that did not take it (not in-process, or a GPU)
         self.tokenizer = self._llm.get_tokenizer()
         self.context_length: int = self._llm.model_config.max_model_len
         self.vocab_size: int = self._llm.model_config.get_vocab_size()

@@ -56,7 +56,7 @@ def warm_engine(config: Any, task: Any) -> Any:
 
     # scoring runs on a generation engine, shared when both resolve to the same dtype
     kind = Task.embed if Task(task) == Task.embed else Task.generate
-    if not any(key[:2] == (config.model_dump_json(), kind.value) for key in _warm):
+    if not _warm:  # the engine about to be built is the process's in-process one
         zero_kv_cache_early(config)
     key = (config.model_dump_json(), kind.value, resolve_dtype(config, task).dtype)
     if key in _warm:
@@ -79,7 +79,8 @@ def zero_kv_cache_early(config: Any) -> None:
     from pipeline.engine.cpu_ops import prefault_kv_cache
     from pipeline.models import resolve_model
 
-    prefault_kv_cache(cpu_kv_cache_bytes(config, resolve_model(config.model, config.revision, config.offline), "float32"))
+    folder = resolve_model(config.model, config.revision, config.offline)
+    prefault_kv_cache(cpu_kv_cache_bytes(config, folder, "float32"))
 
 
 def discard_engine(engine: Any) -> None:

@@ -20,7 +20,8 @@ from typing import Any, Optional, Union
 
 from pipeline.config import EngineConfig, SamplingConfig, Task
 from pipeline.engine.args import (
-    REPLICA_OMP_SPIN, cap_onednn_cache, engine_args, heap_step_buffers, model_in_engine_core, one_cpu_worker, short_omp_waits,
+    REPLICA_OMP_SPIN, cap_onednn_cache, engine_args, heap_step_buffers, model_in_engine_core, one_cpu_worker,
+    short_omp_waits,
 )
 from pipeline.engine.decoding import beam_search, best_of, check_job_sampling, check_sampling, sampling_params
 from pipeline.engine.precision import resolve_dtype

@@ -100,9 +100,14 @@ def use_prefaulted_kv_cache() -> None:
             return
         import torch
         from torch.overrides import TorchFunctionMode
-        from vllm.v1.worker import gpu_model_runner
 
-        native = gpu_model_runner.allocate_kv_cache
+        _kv_patched = True
+        try:
+            from vllm.v1.worker import gpu_model_runner
+
+            native = gpu_model_runner.allocate_kv_cache
+        except (ImportError, AttributeError):  # another vLLM: its own allocation, no early zeroing
+            return
 
         class Prefaulted(TorchFunctionMode):
             def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -119,4 +124,3 @@ def use_prefaulted_kv_cache() -> None:
                 return native(*args, **kwargs)
 
         gpu_model_runner.allocate_kv_cache = allocate_kv_cache
-        _kv_patched = True

@@ -437,7 +437,7 @@ def test_engine_core_process_keeps_step_buffers_in_the_heap_unless_set(monkeypat
     import subprocess
     import sys
 
-    from pipeline.engine.args import CORE_KEEP_FREE, CORE_MMAP_THRESHOLD, MALLOC_ENV, heap_step_buffers
+    from pipeline.engine.args import CORE_MMAP_THRESHOLD, HEAP_KEEP_FREE, MALLOC_ENV, heap_step_buffers
 
     for key in MALLOC_ENV:  # set, then unset: the test's end restores each as it was
         monkeypatch.setenv(key, "0")
@@ -447,7 +447,7 @@ def test_engine_core_process_keeps_step_buffers_in_the_heap_unless_set(monkeypat
     monkeypatch.delenv("MALLOC_MMAP_MAX_")
     assert heap_step_buffers() is True
     assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(CORE_MMAP_THRESHOLD)
-    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == str(CORE_KEEP_FREE)
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == str(HEAP_KEEP_FREE)
     if platform.libc_ver()[0] != "glibc":
         return
     script = tmp_path / "heap_check.py"

@@ -142,7 +142,7 @@ def short_omp_waits(cpu: Optional[bool] = None, spin: int = 0) -> bool:
 
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # glibc's tunables
 CORE_MMAP_THRESHOLD = 128 * 2**20  # an engine core maps only blocks past this (its KV cache); glibc: 32 MiB at most
-CORE_KEEP_FREE = 256 * 2**20  # free bytes at the top of an engine core's heap that glibc keeps
+HEAP_KEEP_FREE = 256 * 2**20  # free bytes at a heap's top that glibc keeps for the next steps (both engines)
 
 
 def heap_step_buffers() -> bool:
@@ -150,13 +150,13 @@ def heap_step_buffers() -> bool:
     come from glibc's heap and stay there when freed, as an in-process engine's do
     (``inproc.keep_step_buffers``, which can call ``mallopt`` itself): blocks under
     ``CORE_MMAP_THRESHOLD`` are not mapped, and the heap's top is trimmed only past
-    ``CORE_KEEP_FREE`` bytes. A step of 256 sequences of GPT-2 allocates its logits as a 51 MB
+    ``HEAP_KEEP_FREE`` bytes. A step of 256 sequences of GPT-2 allocates its logits as a 51 MB
     float32 tensor, which glibc otherwise maps and the kernel faults in at every step. A value the
     user set for any of ``MALLOC_ENV`` keeps glibc's choices. Returns whether it was set here."""
     if any(os.environ.get(key) for key in MALLOC_ENV):
         return False
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(CORE_MMAP_THRESHOLD)
-    os.environ["MALLOC_TRIM_THRESHOLD_"] = str(CORE_KEEP_FREE)
+    os.environ["MALLOC_TRIM_THRESHOLD_"] = str(HEAP_KEEP_FREE)
     return True
 
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Optional
 
-from pipeline.engine.args import cap_onednn_cache
+from pipeline.engine.args import HEAP_KEEP_FREE, cap_onednn_cache
 
 logger = logging.getLogger(__name__)
 Put = Callable[[Any], None]
@@ -112,7 +112,6 @@ class _Block:
 
 
 _M_ARENA_MAX, _M_MMAP_MAX, _M_TRIM_THRESHOLD = -8, -4, -1  # glibc's mallopt parameters
-KEEP_FREE = 256 * 2**20  # free bytes at the heap's top that glibc keeps for the next steps
 TRIM_EVERY = 4096  # finished requests between two ``release_free_memory`` calls of the engine thread
 GC_YOUNG = 50_000  # allocations between two young collections while an in-process engine runs (Python: 700)
 _LEFT_RUNNING: list[Any] = []  # engines stopped with free=False: referenced until the process leaves
@@ -137,7 +136,7 @@ def one_malloc_arena() -> bool:
 def keep_step_buffers() -> bool:
     """Once the engine is built: a step's large temporaries come from glibc's heap and stay there
     when freed (``mallopt``: no ``mmap`` per allocation, the heap's top trimmed only past
-    ``KEEP_FREE`` bytes), instead of being mapped and unmapped at every step. A step of 256
+    ``HEAP_KEEP_FREE`` bytes), instead of being mapped and unmapped at every step. A step of 256
     sequences of GPT-2 allocates its logits as a fresh 51 MB float32 tensor (vLLM's sampler);
     glibc mapped it anew each time and the kernel faulted in its 12,500 pages while torch copied
     into it: 14-16 ms for a copy that takes 1.4 ms into memory already mapped (2 threads, bf16 ->
@@ -147,7 +146,7 @@ def keep_step_buffers() -> bool:
     the user set ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_``)."""
     if os.environ.get("MALLOC_MMAP_MAX_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
         return False
-    return _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, KEEP_FREE)
+    return _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_FREE)
 
 
 def fewer_collections() -> tuple[int, ...]:

@@ -73,6 +73,9 @@ def main() -> None:
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--peer", choices=["ours", "defaults"], default="ours",
                    help="vLLM's server with our engine's settings, or with its own defaults.")
+    p.add_argument("--vllm-memory", type=float, default=None,
+                   help="With --peer defaults: vLLM's --gpu-memory-utilization (on a CPU, its KV cache's share of "
+                        "the memory), for a machine where its 0.92 default does not start (a NUMA node too small).")
     p.add_argument("--name", default=None, help="Results file stem (default online-vllm-bench-<model>).")
     a = p.parse_args()
 
@@ -92,6 +95,7 @@ def main() -> None:
                 cmd = ours_command(a.model, port, 1)[0]
             elif a.peer == "defaults":
                 cmd = vllm_defaults_command(str(resolve_model(a.model)), a.model, port)
+                cmd += ["--gpu-memory-utilization", str(a.vllm_memory)] if a.vllm_memory else []
                 drop_page_cache()
             else:
                 cmd = vllm_command(a.model, port)[0]

@@ -109,7 +109,7 @@ class EngineConfig(_Strict):
     gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0, description="GPU share of the generation engine (default 0.80 beside a pooling engine, 0.90 alone); CPU: 0.3.")
     embed_gpu_memory_utilization: Optional[float] = Field(None, gt=0.0, le=1.0, description="GPU share of the pooling engine (default 0.10 beside a generation engine, 0.90 alone).")
     kv_cache_gib: Optional[float] = Field(None, gt=0.0, description="CPU only: KV-cache size (default: what max_num_seqs sequences of max_model_len tokens fill, at most 2 GiB).")
-    enforce_eager: Optional[bool] = Field(None, description="Run the model eagerly, not compiled / CUDA graphs. Default: a CPU job compiles when it is big enough to pay for the compile (tokens x parameters, engine/compiled.py), else eager; serve on a CPU: eager; GPU: CUDA graphs.")
+    enforce_eager: Optional[bool] = Field(None, description="Run the model eagerly, not compiled / CUDA graphs. Default: a CPU job compiles when it is big enough to pay for the compile (tokens x parameters, engine/compiled.py), else eager; serve on a CPU: compiled (demo-sized models eager); GPU: CUDA graphs.")
     enable_prefix_caching: bool = True
     replicas: int = Field(1, ge=1, le=1024, description="Engine replicas (actors).")
     gpus_per_replica: float = Field(0.0, ge=0.0, description="GPUs Ray gives one replica (its num_gpus); 0 on CPU machines, <1 shares a GPU, >1 needs tensor_parallel_size equal to it.")
@@ -267,7 +267,8 @@ class ServeConfig(_Strict):
     api_keys_file: Optional[str] = Field(None, description="A file of API keys, one per line (read by each replica): any of them is accepted, and each key sees only its own Batch API files and batches.")
     embeddings: bool = Field(True, description="Also start a pooling engine for /v1/embeddings.")
     max_queued_requests: int = Field(256, ge=0, description="Requests a replica lets wait beyond engine.max_in_flight before answering 429.")
-    max_batch_in_flight: int = Field(64, ge=1, description="Batch-job rows a replica runs at once (online first).")
+    max_batch_in_flight: int = Field(
+        256, ge=1, description="Batch-job rows a replica runs at once while no online request is in flight (online first).")
     max_batch_in_flight_online: int = Field(
         8, ge=1, description="... while an online request is in flight: its first token waits for a short step.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 from pipeline.config import EngineConfig
 from pipeline.engine.compiled import (
     CACHE_ENV, COMPILE_MIN_WORK, CompileChoice, choose_compile, compile_cache_env, job_compile, model_shape,
+    serve_compile,
 )
 from pipeline.models import cache_dir, resolve_model
 
@@ -32,6 +33,17 @@ def test_big_jobs_compile_small_ones_and_tiny_models_stay_eager():
 def test_gpu_replicas_keep_vllms_cuda_graphs():
     choice = job_compile(EngineConfig(model="demo", gpus_per_replica=1), resolve_model("demo"), 10)
     assert choice.enforce_eager is False and "GPU" in choice.reason
+
+
+def test_servers_compile_their_model_unless_it_is_tiny_or_the_user_chose():
+    config, choice = serve_compile(EngineConfig(model="gpt2-small-random"))
+    assert config.enforce_eager is False and choice.enforce_eager is False and "server compiles" in choice.reason
+    config, choice = serve_compile(EngineConfig(model="demo"))
+    assert config.enforce_eager is True and "hidden size 128" in choice.reason
+    config, choice = serve_compile(EngineConfig(model="gpt2-small-random", enforce_eager=True))
+    assert config.enforce_eager is True and choice == CompileChoice(True, "requested")
+    config, choice = serve_compile(EngineConfig(model="gpt2-small-random", gpus_per_replica=1))
+    assert config.enforce_eager is None and "GPU" in choice.reason  # vLLM's CUDA graphs, unchanged
 
 
 def test_model_shape_counts_gpt2_small():

@@ -50,7 +50,7 @@ def serve(
     ingress: Annotated[Optional[Ingress], typer.Option(help="direct: replicas listen on the port (one hop fewer); proxy: Ray Serve's HTTP proxy; auto: direct on an embedded Ray.")] = None,
     access_log: Annotated[Optional[bool], typer.Option("--access-log/--no-access-log", help="Log every request (default on).")] = None,
     max_queued_requests: Annotated[Optional[int], typer.Option(help="Requests waiting per replica before 429.")] = None,
-    max_batch_in_flight: Annotated[Optional[int], typer.Option(help="Batch-job rows a replica runs at once.")] = None,
+    max_batch_in_flight: Annotated[Optional[int], typer.Option(help="Batch-job rows a replica runs at once while no online request is in flight (default 256).")] = None,
     max_batch_in_flight_online: Annotated[Optional[int], typer.Option(help="Batch-job rows a replica runs at once while online requests are in flight (default 8).")] = None,
     min_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling: fewest replicas (enables autoscaling).")] = None,
     max_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling: most replicas.")] = None,

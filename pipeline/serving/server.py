@@ -29,6 +29,7 @@ from pipeline.endpoint.errors import APIError
 from pipeline.endpoint.metrics import Meter, Metrics
 from pipeline.endpoint.protocol import CompletionRequest, EmbeddingRequest, ModelCard, ModelList
 from pipeline.engine import PRIORITY_BATCH, PRIORITY_ONLINE, Engine
+from pipeline.engine.compiled import serve_compile
 from pipeline.openai_batch import BatchAnswerer
 from pipeline.records import RowSpec, process_batch
 from pipeline.serving import batch_routes
@@ -176,8 +177,10 @@ class LLMServer:
         self.name = cfg.engine.name
         self.api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
         self.bearers = [f"Bearer {k}".encode() for k in self._keys()]
+        generation, compiled = serve_compile(cfg.engine)
+        logger.info("generation engine: %s", compiled.reason)
         # Both engines share the replica's GPUs: each gets its own share of their memory.
-        generate = lambda: Engine(cfg.engine, Task.generate, priority_scheduling=True, colocated=cfg.embeddings)  # noqa: E731
+        generate = lambda: Engine(generation, Task.generate, priority_scheduling=True, colocated=cfg.embeddings)  # noqa: E731
         embed = lambda: Engine(cfg.engine, Task.embed, colocated=True)  # noqa: E731
         if cfg.embeddings and not cfg.engine.gpus_per_replica:
             # CPU: the two engines load side by side (start-up is mostly their processes' imports).

@@ -111,3 +111,30 @@ def test_replica_death_is_replaced_and_traffic_recovers(keyed_server):
     assert recovered, statuses[-20:]
     assert 200 in statuses[:5]  # it served before the crash
     assert httpx.get(f"{url}/health", timeout=60).status_code == 200
+
+
+def test_a_server_on_the_124m_shape_compiles_its_model(tmp_path):
+    """``serve`` on a model past ``demo``'s size compiles its generation engine: vLLM's compiled
+    graphs land in the compile cache (``VLLM_CACHE_ROOT``, here a new folder), and it answers."""
+    port, cache = free_port(), tmp_path / "vllm"
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(cache)}
+    with open(tmp_path / "serve.log", "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "serve", "--model", "gpt2-small-random", "--port", str(port),
+             "--no-embeddings", "--name", "compiled", "--num-cpus", "4"],
+            stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc=proc)
+        r = httpx.post(f"{url}/v1/completions", timeout=300, json={
+            "model": "gpt2-small-random", "prompt": "The city", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+        assert any((cache / "torch_compile_cache").rglob("*")), "no compiled graphs: the engine ran eagerly"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -5,6 +5,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,32 +15,39 @@ import pytest
 from tests.serving.conftest import free_port, send_chunked, wait_healthy
 
 
-@pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory):
+@contextmanager
+def serve_process(log: Path, model: str, name: str, env: dict) -> Iterator[str]:
+    """``gpt2-pipeline serve`` of ``model`` in a subprocess (output to ``log``), healthy; its URL.
+    Stopped with Ctrl-C as a user would, killed if it does not leave."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "GPT2_PIPELINE_API_KEY": "s3cret-key"}
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "serve", "--model", "demo", "--port", str(port), "--no-embeddings",
-             "--name", "keyed", "--num-cpus", "4"],
+            [sys.executable, "-m", "pipeline", "serve", "--model", model, "--port", str(port), "--no-embeddings",
+             "--name", name, "--num-cpus", "4"],
             stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc=proc)  # a server that exits fails the test at once
-        # a direct-ingress replica answers as soon as it listens; the CLI prints its banner once
-        # Serve reports the whole application ready, a moment later
-        deadline = time.monotonic() + 180
-        while "serving demo at" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(1)
-        yield url, log
+        yield url
     finally:
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve_process(log, "demo", "keyed", {**os.environ, "GPT2_PIPELINE_API_KEY": "s3cret-key"}) as url:
+        # a direct-ingress replica answers as soon as it listens; the CLI prints its banner once
+        # Serve reports the whole application ready, a moment later
+        deadline = time.monotonic() + 180
+        while "serving demo at" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(1)
+        yield url, log
 
 
 def test_api_key_required_except_health(keyed_server):
@@ -116,25 +126,11 @@ def test_replica_death_is_replaced_and_traffic_recovers(keyed_server):
 def test_a_server_on_the_124m_shape_compiles_its_model(tmp_path):
     """``serve`` on a model past ``demo``'s size compiles its generation engine: vLLM's compiled
     graphs land in the compile cache (``VLLM_CACHE_ROOT``, here a new folder), and it answers."""
-    port, cache = free_port(), tmp_path / "vllm"
+    cache = tmp_path / "vllm"
     env = {**os.environ, "VLLM_CACHE_ROOT": str(cache)}
-    with open(tmp_path / "serve.log", "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "serve", "--model", "gpt2-small-random", "--port", str(port),
-             "--no-embeddings", "--name", "compiled", "--num-cpus", "4"],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc=proc)
+    with serve_process(tmp_path / "serve.log", "gpt2-small-random", "compiled", env) as url:
         r = httpx.post(f"{url}/v1/completions", timeout=300, json={
             "model": "gpt2-small-random", "prompt": "The city", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 4
         assert any((cache / "torch_compile_cache").rglob("*")), "no compiled graphs: the engine ran eagerly"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)

@@ -28,6 +28,7 @@ from pipeline.endpoint.errors import APIError
 from pipeline.serving.batch_objects import BatchStatus, StoredBatch, StoredFile, checked_id
 
 CHUNK = 1 << 20
+READ_ATTEMPTS = 5  # reads of a state file torn by a concurrent rewrite (an object store): tried again
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -93,11 +94,20 @@ class BatchStore:
             pass
 
     def read(self, path: str, model: type[T]) -> Optional[T]:
-        try:
-            with self.fs.open_input_stream(path) as fh:
-                return model.model_validate(json.loads(fh.read()))
-        except (FileNotFoundError, OSError):
-            return None
+        """``path``'s object, or None if there is none. On S3, pyarrow sizes a read from a HEAD and
+        then GETs that range, so a file replaced in between by a longer version reads torn: read again."""
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                with self.fs.open_input_stream(path) as fh:
+                    data = fh.read()
+            except (FileNotFoundError, OSError):
+                return None
+            try:
+                return model.model_validate(json.loads(data))
+            except ValueError:
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+        return None
 
     def _list(self, sub: str, model: type[T]) -> list[T]:
         infos = self.fs.get_file_info(pafs.FileSelector(posixpath.join(self.root, sub), allow_not_found=True))

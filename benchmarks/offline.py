@@ -205,7 +205,12 @@ def table(results: list[dict[str, Any]], title: str) -> None:
             print(f"  {r['system']}: {first[0] if first else r.get('status')}")
 
 
-def chart(results: list[dict[str, Any]], path: Path, title: str, label_key: Optional[str] = None) -> None:
+def chart(results: list[dict[str, Any]], path: Path, title: str, label_key: Optional[str] = None,
+          bound: Optional[dict[str, Any]] = None) -> None:
+    """Bars of end-to-end and steady tokens/s per system; ``bound`` (``peers.measure_bound``'s): the
+    matmul bound of each dtype measured, drawn as grey lines."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +222,7 @@ def chart(results: list[dict[str, Any]], path: Path, title: str, label_key: Opti
     names = [(r.get(label_key) if label_key else None) or LABELS.get(r["system"], r["system"]) for r in ok]
     e2e = [r["tokens_per_s_e2e"] for r in ok]
     steady = [r.get("steady_tokens_per_s") or 0 for r in ok]
-    fig, ax = plt.subplots(figsize=(max(7, 1.9 * len(ok)), 4.8))
+    fig, ax = plt.subplots(figsize=(max(7, 1.9 * len(ok)), 5.2))
     xs = range(len(ok))
     w = 0.38
     b1 = ax.bar([x - w / 2 for x in xs], e2e, w, label="end to end (incl. start-up)")
@@ -226,8 +231,13 @@ def chart(results: list[dict[str, Any]], path: Path, title: str, label_key: Opti
         for b in bars:
             ax.annotate(f"{b.get_height():,.0f}", (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=8)
+    for dtype, style in (("bfloat16", "--"), ("float32", ":")):
+        tokens = ((bound or {}).get(dtype) or {}).get("bound_tokens_per_s")
+        if tokens:
+            ax.axhline(tokens, color="grey", linestyle=style, linewidth=1,
+                       label=f"matmul bound, {dtype} ({bound[dtype]['gflops']:,.0f} GFLOPS): {tokens:,.0f} tok/s")
     failed = [LABELS.get(r["system"], r["system"]) for r in results if r.get("status") != "ok"]
-    ax.set_xticks(list(xs), [n.replace(" (", "\n(") for n in names], fontsize=8)
+    ax.set_xticks(list(xs), [textwrap.fill(n, 24) for n in names], fontsize=8)
     ax.set_ylabel("output tokens / s")
     ax.set_title(title + (f"\nnot run: {', '.join(failed)}" if failed else ""), fontsize=10)
     ax.legend(fontsize=8)
@@ -294,7 +304,7 @@ def main_compare(a: argparse.Namespace, work: Path) -> None:
     derive(results)
     name = a.name or f"offline-{a.model.replace('/', '_')}"
     write_json(RESULTS / f"{name}.json", {"meta": meta, "results": results, "all_runs": runs if a.repeat > 1 else []})
-    chart(results, RESULTS / f"{name}.png", title)
+    chart(results, RESULTS / f"{name}.png", title, bound=meta.get("matmul_bound"))
     table(results, title)
     print(f"wrote {RESULTS / (name + '.json')} and {RESULTS / (name + '.png')}")
 

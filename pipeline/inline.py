@@ -52,19 +52,20 @@ def warm_engine(config: Any, task: Any) -> Any:
     """An engine for these settings: the warm one if there is one, else a new one (call on the
     background loop). Builds outside the cache's limit shut the least recently used one down."""
     from pipeline.config import Task
-    from pipeline.engine import Engine, resolve_dtype
+    from pipeline.engine import Engine, collector_paused, resolve_dtype
 
     # scoring runs on a generation engine, shared when both resolve to the same dtype
     kind = Task.embed if Task(task) == Task.embed else Task.generate
-    if not _warm:  # the engine about to be built is the process's in-process one
-        zero_kv_cache_early(config)
-    key = (config.model_dump_json(), kind.value, resolve_dtype(config, task).dtype)
-    if key in _warm:
-        _warm.move_to_end(key)
-        return _warm[key]
-    while len(_warm) >= WARM_ENGINES:
-        _stop(_warm.popitem(last=False)[1])
-    _warm[key] = engine = Engine(config, task, in_process=True)
+    with collector_paused():  # from vLLM's import (resolve_dtype) to the built engine
+        if not _warm:  # the engine about to be built is the process's in-process one
+            zero_kv_cache_early(config)
+        key = (config.model_dump_json(), kind.value, resolve_dtype(config, task).dtype)
+        if key in _warm:
+            _warm.move_to_end(key)
+            return _warm[key]
+        while len(_warm) >= WARM_ENGINES:
+            _stop(_warm.popitem(last=False)[1])
+        _warm[key] = engine = Engine(config, task, in_process=True)
     atexit.unregister(shutdown_warm)  # run before vLLM's own exit hooks (atexit is last-in, first-out)
     atexit.register(shutdown_warm)
     return engine

@@ -5,7 +5,7 @@ vLLM's engine arguments) → ``replica.py`` (``Engine``: one replica's prompts, 
 and pooling) → ``inproc.py`` (vLLM's engine core in this process, for jobs on a CPU). The result types live in ``pipeline.outputs`` and are re-exported here.
 """
 
-from pipeline.engine.args import engine_args, platform_info
+from pipeline.engine.args import collector_paused, engine_args, platform_info
 from pipeline.engine.precision import Precision, auto_dtypes, choose_dtype, cpu_flags, resolve_dtype
 from pipeline.engine.replica import Engine, complete_once
 from pipeline.outputs import (
@@ -13,6 +13,6 @@ from pipeline.outputs import (
     score_windows,
 )
 
-__all__ = ["Engine", "complete_once", "engine_args", "platform_info", "Precision", "auto_dtypes", "choose_dtype", "cpu_flags",
+__all__ = ["Engine", "collector_paused", "complete_once", "engine_args", "platform_info", "Precision", "auto_dtypes", "choose_dtype", "cpu_flags",
            "resolve_dtype", "PRIORITY_BATCH", "PRIORITY_ONLINE",
            "Completion", "EngineFatalError", "PromptError", "Sample", "Scored", "TokenLogprob", "score_windows"]

@@ -20,8 +20,8 @@ from typing import Any, Optional, Union
 
 from pipeline.config import EngineConfig, SamplingConfig, Task
 from pipeline.engine.args import (
-    REPLICA_OMP_SPIN, cap_onednn_cache, engine_args, heap_step_buffers, model_in_engine_core, one_cpu_worker,
-    short_omp_waits,
+    REPLICA_OMP_SPIN, cap_onednn_cache, collector_paused, engine_args, freeze_start_up_heap, heap_step_buffers,
+    model_in_engine_core, one_cpu_worker, short_omp_waits,
 )
 from pipeline.engine.decoding import beam_search, best_of, check_job_sampling, check_sampling, sampling_params
 from pipeline.engine.precision import resolve_dtype
@@ -55,38 +55,40 @@ class Engine:
 
     def __init__(self, config: EngineConfig, task: Task = Task.generate, priority_scheduling: bool = False,
                  colocated: bool = False, in_process: bool = False):
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        self.config = config
-        self.task = Task(task)
-        self.precision = resolve_dtype(config, self.task)
-        args = engine_args(config, self.task, priority_scheduling, colocated, precision=self.precision)
-        self.in_process = in_process and one_cpu_worker(args) and _IN_PROCESS.acquire(blocking=False)
-        if self.in_process:
-            from pipeline.engine.cpu_ops import use_fused_gelu, use_prefaulted_kv_cache
-
-            use_fused_gelu()  # before the model is built: its layers pick their forward then
-            use_prefaulted_kv_cache()
-        try:
-            with model_in_engine_core(args):
-                if self.in_process:
-                    from pipeline.engine.inproc import InprocLLM
-
-                    self._llm = InprocLLM(args)
-                else:
-                    from vllm.v1.engine.async_llm import AsyncLLM
-
-                    short_omp_waits(spin=REPLICA_OMP_SPIN)
-                    heap_step_buffers()
-                    cap_onednn_cache()
-                    self._llm = AsyncLLM.from_engine_args(args)
-        except BaseException:
+        with collector_paused():  # imports and the model: see collector_paused
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+            self.config = config
+            self.task = Task(task)
+            self.precision = resolve_dtype(config, self.task)
+            args = engine_args(config, self.task, priority_scheduling, colocated, precision=self.precision)
+            self.in_process = in_process and one_cpu_worker(args) and _IN_PROCESS.acquire(blocking=False)
             if self.in_process:
-                _IN_PROCESS.release()
-            raise
-        finally:
-            from pipeline.engine.cpu_ops import drop_prefaulted
+                from pipeline.engine.cpu_ops import use_fused_gelu, use_prefaulted_kv_cache
 
-            drop_prefaulted()  # zeroed for an engine that did not take it (not in-process, or a GPU)
+                use_fused_gelu()  # before the model is built: its layers pick their forward then
+                use_prefaulted_kv_cache()
+            freeze_start_up_heap()
+            try:
+                with model_in_engine_core(args):
+                    if self.in_process:
+                        from pipeline.engine.inproc import InprocLLM
+
+                        self._llm = InprocLLM(args)
+                    else:
+                        from vllm.v1.engine.async_llm import AsyncLLM
+
+                        short_omp_waits(spin=REPLICA_OMP_SPIN)
+                        heap_step_buffers()
+                        cap_onednn_cache()
+                        self._llm = AsyncLLM.from_engine_args(args)
+            except BaseException:
+                if self.in_process:
+                    _IN_PROCESS.release()
+                raise
+            finally:
+                from pipeline.engine.cpu_ops import drop_prefaulted
+
+                drop_prefaulted()  # zeroed for an engine that did not take it (not in-process, or a GPU)
         self.tokenizer = self._llm.get_tokenizer()
         self.context_length: int = self._llm.model_config.max_model_len
         self.vocab_size: int = self._llm.model_config.get_vocab_size()

@@ -226,7 +226,6 @@ def model_in_engine_core(args: Any) -> Iterator[None]:
 _GC_LOCK = threading.Lock()
 _gc_pauses = 0
 _gc_was_enabled = True
-_gc_fork_hook = False
 
 
 def _collect_in_child() -> None:
@@ -237,6 +236,9 @@ def _collect_in_child() -> None:
         _gc_pauses = 0
         if _gc_was_enabled:
             gc.enable()
+
+
+os.register_at_fork(after_in_child=_collect_in_child)  # a no-op outside a pause
 
 
 @contextmanager
@@ -254,11 +256,8 @@ def collector_paused() -> Iterator[None]:
     twice and its engine core collects once more before freezing the heap itself, and each of
     those walked about a million objects (0.5-0.9 s each). With both, the job's collections took
     0.15 s in all. ``gc.collect`` still runs when called while the collector is off."""
-    global _gc_pauses, _gc_was_enabled, _gc_fork_hook
+    global _gc_pauses, _gc_was_enabled
     with _GC_LOCK:
-        if not _gc_fork_hook:
-            os.register_at_fork(after_in_child=_collect_in_child)
-            _gc_fork_hook = True
         if _gc_pauses == 0:
             _gc_was_enabled = gc.isenabled()
             gc.disable()

@@ -80,6 +80,11 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
+class Quantization(str, Enum):
+    none = "none"
+    int8 = "int8"
+
+
 class ScoreConfig(_Strict):
     """The score task: how each text's log-likelihood is computed and what is written."""
 
@@ -102,6 +107,7 @@ class EngineConfig(_Strict):
     offline: bool = Field(False, description="Never download: hub ids must already be in the HF cache (like HF_HUB_OFFLINE=1).")
     served_model_name: Optional[str] = Field(None, description="Name reported by the API (default: model).")
     dtype: Dtype = Field(Dtype.auto, description="auto: the fastest precision the hardware runs well: bfloat16 on CPUs with AMX/AVX512-BF16 (float32 without, or for tiny models), half precision on GPUs, float32 for score; float32 gives tokens equal to HF's.")
+    quantization: Quantization = Field(Quantization.none, description="int8 (CPU): the linear layers in int8, weights per channel and activations per token, quantized as the model loads (as CTranslate2's int8); faster steps, tokens differ from the dtype's. The LM head keeps the dtype.")
     max_model_len: Optional[int] = Field(None, ge=16, description="Context length (default: the model's).")
     max_num_seqs: int = Field(256, ge=1, description="Sequences the paged-attention scheduler runs at once.")
     stream_interval: int = Field(1, ge=1, le=64, description="Streaming: tokens per chunk after the first (vLLM stream_interval); larger cuts per-chunk overhead.")
@@ -129,6 +135,9 @@ class EngineConfig(_Strict):
                 f"tensor_parallel_size ({tp}) must equal gpus_per_replica ({gpus:g}): one replica's engine "
                 "spreads over exactly the GPUs Ray gives it (fractions of a GPU only with tensor_parallel_size 1)"
             )
+        if gpus > 0 and self.quantization == Quantization.int8:
+            raise ValueError("quantization int8 runs on CPUs only (gpus_per_replica must be 0); on GPUs give vLLM "
+                             "a quantized checkpoint")
         self.gpu_memory_shares(colocated=False)
         return self
 
@@ -216,6 +225,7 @@ class JobConfig(_Strict):
         """What must match for a resume to continue a job: model, task, sampling, columns."""
         return {
             "task": self.task, "model": self.engine.model, "dtype": self.engine.dtype,
+            **({"quantization": self.engine.quantization} if self.engine.quantization != Quantization.none else {}),
             "max_model_len": self.engine.max_model_len, "truncate": self.engine.truncate,
             "prompt_column": self.prompt_column, "id_column": self.id_column,
             "passthrough": self.passthrough, "normalize": self.normalize,

@@ -40,6 +40,7 @@ class Summary:
     executor: str = ""  # inline (driver process) or ray-data
     dtype: str = ""  # what the engines ran in (empty when no block ran), and why
     dtype_reason: str = ""
+    quantization: str = "none"  # the engines' linear layers: none (the dtype) or int8
     compiled: Optional[bool] = None  # a CPU job's engines compiled the model (not eager), and why
     compile_reason: str = ""
     phases: dict[str, Optional[float]] = field(default_factory=dict)  # seconds from the job's start
@@ -55,7 +56,8 @@ def verify(fs: Any, folder: str, job: JobConfig, plan: io.InputPlan, status: str
     ``_manifest.json``. ``wall_time_s`` and ``tokens_per_s`` are the caller's."""
     files = io.output_files(fs, folder) + io.committed_shards(fs, folder)
     summary = Summary(status=status, output=job.output, rows_in=plan.total_rows, message=message,
-                      skipped_resume=skipped, shards=len(files), deduplicated=plan.deduplicated)
+                      skipped_resume=skipped, shards=len(files), deduplicated=plan.deduplicated,
+                      quantization=job.engine.quantization)
     keys = [job.id_column] + (["sample_index"] if job.task == Task.generate else [])
     cols = keys + ["error", "prompt_tokens"] + (["completion_tokens"] if job.task == Task.generate else [])
     cols += ["scored_tokens", "nll"] if job.task == Task.score else []

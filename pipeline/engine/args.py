@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
-from pipeline.config import EngineConfig, Task
+from pipeline.config import EngineConfig, Quantization, Task
 from pipeline.engine.precision import Precision, resolve_dtype
 from pipeline.models import model_dims, resolve_model
 
@@ -82,6 +82,13 @@ def engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, col
     )
     if config.tensor_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "mp"
+    if config.quantization == Quantization.int8:
+        if not on_cpu:
+            raise ValueError("quantization int8 runs on CPUs only (oneDNN's int8 matmul); on GPUs leave it "
+                             "at none or give vLLM a quantized checkpoint")
+        from pipeline.engine.int8 import register
+
+        kwargs["quantization"] = register()
     if on_cpu:
         if not kwargs["enforce_eager"]:
             from pipeline.engine.compiled import compile_cache_env

@@ -1,7 +1,11 @@
-"""``quantization: int8`` on real vLLM: the weights' rounding, and jobs whose engines run the
-linear layers in int8 (a generation job, and a score job checked against the float32 engine)."""
+"""``quantization: int8`` on real vLLM: the weights' rounding, and jobs through the CLI whose engines
+run the linear layers in int8 (a generation job, and a score job checked against the float32 engine)."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,22 +34,25 @@ def test_rows_round_to_within_half_a_step_and_a_zero_row_stays_zero():
     assert not bool(q[5].any()) and bool(torch.isfinite(scales).all())
 
 
-def test_int8_jobs_generate_and_score_close_to_float32(tmp_path, ray_cluster, engine, loop):
-    from pipeline.batch import run_job
-    from pipeline.config import JobConfig
+def _cli_job(*args: str) -> dict:
+    """A job through the CLI in a process of its own (this session's warm engines stay as they are)."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args, "--model", "demo", "--quantization", "int8",
+                           "--batch-size", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads((Path(args[args.index("--output") + 1]) / "_summary.json").read_text())
 
+
+def test_int8_jobs_generate_and_score_close_to_float32(tmp_path, engine, loop):
     src = write_prompts(tmp_path / "in.parquet", TEXTS + [None], id=pa.array(range(5), pa.int64()))
-    gen = run_job(JobConfig(input=str(src), output=str(tmp_path / "gen"), batch_size=2,
-                            engine={"model": "demo", "quantization": "int8"},
-                            sampling={"max_tokens": 8, "temperature": 0, "ignore_eos": True}))
-    assert gen.status == "succeeded", gen.message
-    assert (gen.quantization, gen.rows_out, gen.error_rows, gen.missing, gen.duplicates) == ("int8", 5, 1, 0, 0)
+    gen = _cli_job("run", "--input", str(src), "--output", str(tmp_path / "gen"), "--max-tokens", "8",
+                   "--temperature", "0", "--ignore-eos")
+    assert gen["status"] == "succeeded", gen["message"]
+    assert [gen[k] for k in ("quantization", "rows_out", "error_rows", "missing", "duplicates")] == ["int8", 5, 1, 0, 0]
     rows = {r["id"]: r for r in pq.read_table(tmp_path / "gen").to_pylist()}
     assert rows[4]["error"] and all(rows[i]["completion_tokens"] == 8 and rows[i]["generated_text"] for i in range(4))
 
-    score = run_job(JobConfig(input=str(src), output=str(tmp_path / "score"), task="score", batch_size=2,
-                              engine={"model": "demo", "quantization": "int8"}))
-    assert score.status == "succeeded" and score.quantization == "int8", score.message
+    score = _cli_job("score", "--input", str(src), "--output", str(tmp_path / "score"))
+    assert score["status"] == "succeeded" and score["quantization"] == "int8", score["message"]
     int8_nll = {r["id"]: r["nll"] for r in pq.read_table(tmp_path / "score").to_pylist() if not r["error"]}
     assert sorted(int8_nll) == [0, 1, 2, 3]
     for i, text in enumerate(TEXTS):

@@ -35,7 +35,7 @@ def test_rows_round_to_within_half_a_step_and_a_zero_row_stays_zero():
 
 
 def _cli_job(*args: str) -> dict:
-    """A job through the CLI in a process of its own (this session's warm engines stay as they are)."""
+    """A job through the CLI in a process of its own (the test run's warm engines stay as they are)."""
     proc = subprocess.run([sys.executable, "-m", "pipeline", *args, "--model", "demo", "--quantization", "int8",
                            "--batch-size", "2"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

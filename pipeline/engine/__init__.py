@@ -1,8 +1,8 @@
 """The engine package: the only place that imports vLLM.
 
 Read it as ``precision.py`` (the dtype an engine runs in, and why) → ``args.py`` (our config →
-vLLM's engine arguments; ``int8.py`` for ``quantization: int8``) → ``replica.py`` (``Engine``: one replica's prompts, sampling, scoring
-and pooling) → ``inproc.py`` (vLLM's engine core in this process, for jobs on a CPU). The result types live in ``pipeline.outputs`` and are re-exported here.
+vLLM's engine arguments; ``int8.py`` for ``quantization: int8``) → ``replica.py`` (``Engine``:
+one replica's prompts, sampling, scoring and pooling) → ``inproc.py`` (vLLM's engine core in this process, for jobs on a CPU). The result types live in ``pipeline.outputs`` and are re-exported here.
 """
 
 from pipeline.engine.args import collector_paused, engine_args, platform_info

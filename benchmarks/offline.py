@@ -32,16 +32,17 @@ import peers  # noqa: E402
 from _common import read_prompts, sampling_kwargs  # noqa: E402,F401 - importers of this module use them
 from offline_workers import WORKERS, engine_kwargs, parquet_file_tokens, steady_from_files, worker_main  # noqa: E402
 
-SYSTEMS = ("ours", "ours_eager", "ours_compiled", "ours_int8", "raw_vllm", "raw_vllm_1proc", "raw_vllm_defaults", "ray_data_llm",
+SYSTEMS = ("ours", "ours_eager", "ours_compiled", "ours_int8", "ours_int8_fp8", "raw_vllm", "raw_vllm_1proc", "raw_vllm_defaults", "ray_data_llm",
            "hf_transformers", "ct2_int8", "ct2_float32") + peer_ort.SYSTEMS
 LABELS = {"ours": "ours (gpt2-pipeline run)", "ours_eager": "ours, --eager", "ours_compiled": "ours, --no-eager (compiled)",
           "ours_int8": "ours, --quantization int8",
+          "ours_int8_fp8": "ours, --quantization int8 --kv-cache-dtype fp8",
           "raw_vllm": "raw vLLM LLM.generate",
           "raw_vllm_1proc": "raw vLLM LLM.generate, VLLM_ENABLE_V1_MULTIPROCESSING=0 (one process, our engine settings)",
           "raw_vllm_defaults": "raw vLLM LLM.generate, one process, vLLM's defaults",
           "ray_data_llm": "Ray Data LLM", "hf_transformers": "HF transformers generate",
           "ct2_int8": "CTranslate2 int8", "ct2_float32": "CTranslate2 float32", **peer_ort.LABELS}
-SHORT = {"ours": "ours", "ours_eager": "ours eager", "ours_compiled": "ours compiled", "ours_int8": "ours int8", "raw_vllm": "raw vLLM",
+SHORT = {"ours": "ours", "ours_eager": "ours eager", "ours_compiled": "ours compiled", "ours_int8": "ours int8", "ours_int8_fp8": "ours int8 fp8 KV", "raw_vllm": "raw vLLM",
          "raw_vllm_1proc": "raw vLLM 1proc ours", "ray_data_llm": "Ray Data LLM",
          "raw_vllm_defaults": "raw vLLM 1proc defaults", "hf_transformers": "HF generate", "ct2_int8": "CT2 int8",
          "ct2_float32": "CT2 float32", **peer_ort.SHORT}
@@ -55,7 +56,7 @@ def _cli() -> list[str]:
 def run_ours(a: argparse.Namespace, prompts: Path, work: Path, rows: int, replicas: int, tag: str,
              system: str = "ours") -> dict[str, Any]:
     """``gpt2-pipeline run`` (``ours_eager`` / ``ours_compiled``: with --eager / --no-eager; ``ours_int8``:
-    --quantization int8)."""
+    --quantization int8; ``ours_int8_fp8``: and --kv-cache-dtype fp8)."""
     from _common import run_monitored
 
     out = work / f"out-{system}-{tag}"
@@ -66,7 +67,8 @@ def run_ours(a: argparse.Namespace, prompts: Path, work: Path, rows: int, replic
     if a.gpus_per_replica:
         cmd += ["--gpus-per-replica", str(a.gpus_per_replica)]
     cmd += {"ours_eager": ["--eager"], "ours_compiled": ["--no-eager"],
-            "ours_int8": ["--quantization", "int8"]}.get(system, [])
+            "ours_int8": ["--quantization", "int8"],
+            "ours_int8_fp8": ["--quantization", "int8", "--kv-cache-dtype", "fp8"]}.get(system, [])
     run = run_monitored(cmd, work / f"log-{system}-{tag}.txt", a.timeout, interval=a.sample_interval)
     res: dict[str, Any] = {"system": system, "rows_in": rows, "replicas": replicas, "command": " ".join(cmd),
                            "wall_s": run.wall_s, "returncode": run.returncode, "memory": run.tree,

@@ -26,21 +26,22 @@ from _common import read_prompts, sampling_kwargs
 # ================================================================================================
 # Shared: with the workers (engine_kwargs), and with the driver and the other benchmarks
 # ================================================================================================
-def engine_kwargs(model: str, dtype: str = "auto", job_tokens: int = 0) -> dict[str, Any]:
+def engine_kwargs(model: str, dtype: str = "auto", job_tokens: int = 0, **engine: Any) -> dict[str, Any]:
     """Exactly the vLLM engine arguments our engine uses (read back from ``engine_args``); with
-    ``job_tokens``, compiled or eager as our job of that many tokens would be."""
+    ``job_tokens``, compiled or eager as our job of that many tokens would be; ``engine``: more
+    ``EngineConfig`` fields (``quantization="int8"``)."""
     from pipeline.config import EngineConfig, Task
     from pipeline.engine import engine_args
     from pipeline.engine.compiled import job_compile
     from pipeline.models import resolve_model
 
-    config = EngineConfig(model=model, dtype=dtype)
+    config = EngineConfig(model=model, dtype=dtype, **engine)
     if job_tokens:
         config = config.model_copy(update={"enforce_eager": job_compile(config, resolve_model(model), job_tokens).enforce_eager})
     args = engine_args(config, Task.generate, False)
     keys = ("model", "served_model_name", "dtype", "max_model_len", "max_num_seqs", "tensor_parallel_size",
             "enable_prefix_caching", "enforce_eager", "gpu_memory_utilization", "disable_log_stats", "seed",
-            "enable_chunked_prefill", "kv_cache_memory_bytes")
+            "enable_chunked_prefill", "kv_cache_memory_bytes", "quantization", "kv_cache_dtype")
     out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     return {k: v for k, v in out.items() if v is not None}
 

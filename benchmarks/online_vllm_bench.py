@@ -2,6 +2,7 @@
 
     python benchmarks/online_vllm_bench.py --model demo --rounds 2 --concurrency 1,8,32,64
     python benchmarks/online_vllm_bench.py --model gpt2-small-random --peer defaults
+    python benchmarks/online_vllm_bench.py --model gpt2-small-random --peer defaults --ours-args "--quantization int8"
 
 For each round, vLLM's OpenAI server and ``gpt2-pipeline serve`` are started in turn (the order
 alternates between rounds, never both at once) with the same engine settings as
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -76,6 +78,7 @@ def main() -> None:
     p.add_argument("--vllm-memory", type=float, default=None,
                    help="With --peer defaults: vLLM's --gpu-memory-utilization (on a CPU, its KV cache's share of "
                         "the memory), for a machine where its 0.92 default does not start (a NUMA node too small).")
+    p.add_argument("--ours-args", default="", help="More flags for ours' serve command (\"--quantization int8\").")
     p.add_argument("--name", default=None, help="Results file stem (default online-vllm-bench-<model>).")
     a = p.parse_args()
 
@@ -92,7 +95,7 @@ def main() -> None:
         for system in (("vllm", "ours") if rnd % 2 else ("ours", "vllm")):
             port = free_port()
             if system == "ours":
-                cmd = ours_command(a.model, port, 1)[0]
+                cmd = ours_command(a.model, port, 1)[0] + shlex.split(a.ours_args)
             elif a.peer == "defaults":
                 cmd = vllm_defaults_command(str(resolve_model(a.model)), a.model, port)
                 cmd += ["--gpu-memory-utilization", str(a.vllm_memory)] if a.vllm_memory else []

@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--ours", action="store_true", help="Our in-process engine's CPU choices (see above).")
+    p.add_argument("--quantization", default="none", choices=["none", "int8"], help="Our engine's quantization.")
+    p.add_argument("--kv-cache-dtype", default=None, help="vLLM's kv_cache_dtype (fp8_e5m2, fp8_e4m3).")
     p.add_argument("--profile", action="store_true", help="One more round under torch.profiler.")
     p.add_argument("--top", type=int, default=15, help="Operators printed by --profile.")
     p.add_argument("--shapes", action="store_true", help="--profile: group operators by input shapes.")
@@ -42,7 +44,10 @@ def main() -> None:
         from pipeline.engine.cpu_ops import use_fused_gelu
 
         use_fused_gelu()
-    llm = LLM(**engine_kwargs(a.model))
+    kwargs = engine_kwargs(a.model, quantization=a.quantization)
+    if a.kv_cache_dtype:
+        kwargs["kv_cache_dtype"] = a.kv_cache_dtype
+    llm = LLM(**kwargs)
     if a.ours:
         from pipeline.engine.inproc import keep_step_buffers
 

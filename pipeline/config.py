@@ -85,6 +85,16 @@ class Quantization(str, Enum):
     int8 = "int8"
 
 
+class KVCacheDtype(str, Enum):
+    """vLLM's ``kv_cache_dtype``: auto keeps the model's dtype; fp8 (= fp8_e4m3) and fp8_e5m2 store
+    keys and values in one byte (unscaled on a CPU, which needs AVX-512 for it)."""
+
+    auto = "auto"
+    fp8 = "fp8"
+    fp8_e4m3 = "fp8_e4m3"
+    fp8_e5m2 = "fp8_e5m2"
+
+
 class ScoreConfig(_Strict):
     """The score task: how each text's log-likelihood is computed and what is written."""
 
@@ -107,7 +117,8 @@ class EngineConfig(_Strict):
     offline: bool = Field(False, description="Never download: hub ids must already be in the HF cache (like HF_HUB_OFFLINE=1).")
     served_model_name: Optional[str] = Field(None, description="Name reported by the API (default: model).")
     dtype: Dtype = Field(Dtype.auto, description="auto: the fastest precision the hardware runs well: bfloat16 on CPUs with AMX/AVX512-BF16 (float32 without, or for tiny models), half precision on GPUs, float32 for score; float32 gives tokens equal to HF's.")
-    quantization: Quantization = Field(Quantization.none, description="int8 (CPU): the linear layers in int8, weights per channel and activations per token, quantized as the model loads (as CTranslate2's int8); faster steps, tokens differ from the dtype's. The LM head keeps the dtype.")
+    quantization: Quantization = Field(Quantization.none, description="int8 (CPU): the linear layers in int8, weights per channel and activations per token, quantized as the model loads (as CTranslate2's int8); faster steps, tokens differ from the dtype's. The LM head too, in slices; its weight stays for the embedding.")
+    kv_cache_dtype: KVCacheDtype = Field(KVCacheDtype.auto, description="Keys and values in the KV cache: auto (the model's dtype) or fp8, fp8_e4m3, fp8_e5m2 (one byte each: half the memory a token takes and less to read per step; tokens differ).")
     max_model_len: Optional[int] = Field(None, ge=16, description="Context length (default: the model's).")
     max_num_seqs: int = Field(256, ge=1, description="Sequences the paged-attention scheduler runs at once.")
     stream_interval: int = Field(1, ge=1, le=64, description="Streaming: tokens per chunk after the first (vLLM stream_interval); larger cuts per-chunk overhead.")
@@ -226,6 +237,7 @@ class JobConfig(_Strict):
         return {
             "task": self.task, "model": self.engine.model, "dtype": self.engine.dtype,
             **({"quantization": self.engine.quantization} if self.engine.quantization != Quantization.none else {}),
+            **({"kv_cache_dtype": self.engine.kv_cache_dtype} if self.engine.kv_cache_dtype != KVCacheDtype.auto else {}),
             "max_model_len": self.engine.max_model_len, "truncate": self.engine.truncate,
             "prompt_column": self.prompt_column, "id_column": self.id_column,
             "passthrough": self.passthrough, "normalize": self.normalize,

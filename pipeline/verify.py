@@ -41,6 +41,7 @@ class Summary:
     dtype: str = ""  # what the engines ran in (empty when no block ran), and why
     dtype_reason: str = ""
     quantization: str = "none"  # the engines' linear layers: none (the dtype) or int8
+    kv_cache_dtype: str = "auto"  # the KV cache's: auto (the dtype) or an fp8 format
     compiled: Optional[bool] = None  # a CPU job's engines compiled the model (not eager), and why
     compile_reason: str = ""
     phases: dict[str, Optional[float]] = field(default_factory=dict)  # seconds from the job's start
@@ -57,7 +58,7 @@ def verify(fs: Any, folder: str, job: JobConfig, plan: io.InputPlan, status: str
     files = io.output_files(fs, folder) + io.committed_shards(fs, folder)
     summary = Summary(status=status, output=job.output, rows_in=plan.total_rows, message=message,
                       skipped_resume=skipped, shards=len(files), deduplicated=plan.deduplicated,
-                      quantization=job.engine.quantization)
+                      quantization=job.engine.quantization, kv_cache_dtype=job.engine.kv_cache_dtype)
     keys = [job.id_column] + (["sample_index"] if job.task == Task.generate else [])
     cols = keys + ["error", "prompt_tokens"] + (["completion_tokens"] if job.task == Task.generate else [])
     cols += ["scored_tokens", "nll"] if job.task == Task.score else []

@@ -1,5 +1,6 @@
-"""``quantization: int8`` on real vLLM: the weights' rounding, and jobs through the CLI whose engines
-run the linear layers in int8 (a generation job, and a score job checked against the float32 engine)."""
+"""``quantization: int8`` and ``kv_cache_dtype: fp8`` on real vLLM: the weights' rounding, the LM head's
+int8 slices, and jobs through the CLI whose engines run them (a generation job, and score jobs checked
+against the float32 engine)."""
 
 import json
 import math
@@ -34,6 +35,34 @@ def test_rows_round_to_within_half_a_step_and_a_zero_row_stays_zero():
     assert not bool(q[5].any()) and bool(torch.isfinite(scales).all())
 
 
+def test_the_lm_head_in_int8_slices_adds_up_to_one_matmul_and_keeps_its_weight():
+    import torch
+
+    from pipeline.engine.int8 import HEAD_SLICE, Int8HeadMethod, quantize_rows
+
+    torch.manual_seed(0)
+    head = torch.nn.Module()
+    weight = torch.randn(2 * HEAD_SLICE + 100, 64) * 0.05  # two whole slices and a short one
+    head.weight = torch.nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+    Int8HeadMethod().process_weights_after_loading(head)
+    assert [h.n for h in head.int8_handlers] == [HEAD_SLICE, HEAD_SLICE, 100]
+    assert head.weight.shape == weight.shape  # still there for the tied embedding's lookups
+
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+    logits = Int8HeadMethod().apply(head, x)
+    assert logits.shape == (2, 3, weight.size(0)) and logits.dtype == torch.bfloat16
+    q, scales = quantize_rows(head.weight.data)
+    x_scales = x.float().abs().amax(dim=-1, keepdim=True) / 127.0
+    x_q = (x.float() / x_scales).round().clamp(-127, 127)
+    expected = (x_q * x_scales) @ (q.float() * scales[:, None]).t()  # the int8 product, in float
+    assert torch.allclose(logits.float(), expected, atol=2e-2, rtol=1e-2)
+    exact = x.float() @ head.weight.float().t()
+    assert (logits.float() - exact).abs().max() < 0.05 * exact.abs().max()
+    bias = torch.randn(weight.size(0)).to(torch.bfloat16)  # each slice adds its own part
+    with_bias = Int8HeadMethod().apply(head, x, bias)
+    assert torch.allclose(with_bias.float(), logits.float() + bias.float(), atol=2e-2, rtol=1e-2)
+
+
 def _cli_job(*args: str) -> dict:
     """A job through the CLI in a process of its own (the test run's warm engines stay as they are)."""
     proc = subprocess.run([sys.executable, "-m", "pipeline", *args, "--model", "demo", "--quantization", "int8",
@@ -60,6 +89,14 @@ def test_int8_jobs_generate_and_score_close_to_float32(tmp_path, engine, loop):
         # quantized (not the float32 path), yet within 2% of it
         assert int8_nll[i] != exact and math.isclose(int8_nll[i], exact, rel_tol=0.02), (text, int8_nll[i], exact)
 
+    fp8 = _cli_job("score", "--input", str(src), "--output", str(tmp_path / "fp8"), "--kv-cache-dtype", "fp8")
+    assert [fp8[k] for k in ("status", "quantization", "kv_cache_dtype", "error_rows")] == ["succeeded", "int8", "fp8", 1]
+    fp8_nll = {r["id"]: r["nll"] for r in pq.read_table(tmp_path / "fp8").to_pylist() if not r["error"]}
+    assert sorted(fp8_nll) == [0, 1, 2, 3] and fp8_nll != int8_nll  # the KV cache in fp8 changed the result...
+    for i, text in enumerate(TEXTS):  # ... and stays within 2% of float32's
+        exact = loop.run(engine.score(engine.encode(text, check_length=False))).nll
+        assert math.isclose(fp8_nll[i], exact, rel_tol=0.02), (text, fp8_nll[i], exact)
+
 
 def test_int8_resume_must_match_the_quantization(tmp_path):
     from pipeline.config import JobConfig
@@ -68,6 +105,24 @@ def test_int8_resume_must_match_the_quantization(tmp_path):
     plain, int8 = JobConfig(**base), JobConfig(**base, engine={"quantization": "int8"})
     assert "quantization" not in plain.fingerprint()  # jobs written before the option resume as before
     assert int8.fingerprint()["quantization"] == "int8" and int8.fingerprint() != plain.fingerprint()
+    assert "kv_cache_dtype" not in plain.fingerprint()
+    fp8 = JobConfig(**base, engine={"kv_cache_dtype": "fp8"})
+    assert fp8.fingerprint()["kv_cache_dtype"] == "fp8" and fp8.fingerprint() != plain.fingerprint()
+
+
+def test_an_fp8_kv_cache_reaches_vllm_at_a_quarter_of_float32s_bytes(demo_model):
+    from pydantic import ValidationError
+
+    from pipeline.config import EngineConfig, Task
+    from pipeline.engine.args import cpu_kv_cache_bytes, engine_args
+
+    plain, fp8 = EngineConfig(model="demo"), EngineConfig(model="demo", kv_cache_dtype="fp8_e5m2")
+    assert engine_args(fp8, Task.generate, False).kv_cache_dtype == "fp8_e5m2"
+    assert engine_args(plain, Task.generate, False).kv_cache_dtype == "auto"
+    # the same tokens in a quarter of the bytes (demo is under the 2 GiB cap either way)
+    assert cpu_kv_cache_bytes(fp8, demo_model, "float32") * 4 == cpu_kv_cache_bytes(plain, demo_model, "float32")
+    with pytest.raises(ValidationError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int4")
 
 
 def test_int8_is_refused_on_a_gpu_and_bad_values_are_refused(demo_model):

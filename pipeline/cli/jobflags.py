@@ -19,7 +19,7 @@ import typer
 
 from pipeline.cli.common import (
     Address, BatchSize, Choice, DedupeOpt, DtypeOpt, GpusPerReplica, Grammar, IgnoreEos, Input, InputFormatOpt,
-    JsonSchema, Logprobs, MaxModelLen, MaxRowsPerFile, MaxTokens, MinP, MinTokens, Model, N, NoRepeatNgram, NumBeams,
+    JsonSchema, KVCacheDtypeOpt, Logprobs, MaxModelLen, MaxRowsPerFile, MaxTokens, MinP, MinTokens, Model, N, NoRepeatNgram, NumBeams,
     NumCpus, Offline, Output, OutputFormatOpt, Overwrite, Passthrough, QuantizationOpt, Regex, Replicas, RepetitionPenalty,
     ScoreFirstToken, Seed, Stop, Stride, TargetFileMb, Temperature, TensorParallel, TokenLogprobs, TopK, TopP, ViaServe,
     _decoding_flags,
@@ -100,6 +100,7 @@ JOB_FLAGS: dict[str, JobFlag] = {
     "tensor_parallel_size": JobFlag(("engine", "tensor_parallel_size"), TensorParallel),
     "dtype": JobFlag(("engine", "dtype"), DtypeOpt),
     "quantization": JobFlag(("engine", "quantization"), QuantizationOpt),
+    "kv_cache_dtype": JobFlag(("engine", "kv_cache_dtype"), KVCacheDtypeOpt),
     "max_model_len": JobFlag(("engine", "max_model_len"), MaxModelLen),
     "eager": JobFlag(("engine", "enforce_eager"), Annotated[Optional[bool], _opt(
         "Run the model eagerly (--eager) or compiled (--no-eager). Default on a CPU: compiled when the job is "

@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.cli.common import (
-    Address, DtypeOpt, GpusPerReplica, MaxModelLen, Model, Offline, QuantizationOpt, Replicas, Spec, TensorParallel,
-    Verbose,
+    Address, DtypeOpt, GpusPerReplica, KVCacheDtypeOpt, MaxModelLen, Model, Offline, QuantizationOpt, Replicas, Spec,
+    TensorParallel, Verbose,
     _engine_flags, _load, console, out,
 )
 from pipeline.config import Ingress, ServeConfig
@@ -37,7 +37,8 @@ def serve(
     spec: Spec = None,
     model: Model = None,
     replicas: Replicas = None, gpus_per_replica: GpusPerReplica = None, tensor_parallel_size: TensorParallel = None,
-    dtype: DtypeOpt = None, quantization: QuantizationOpt = None, max_model_len: MaxModelLen = None, offline: Offline = None,
+    dtype: DtypeOpt = None, quantization: QuantizationOpt = None,
+    kv_cache_dtype: KVCacheDtypeOpt = None, max_model_len: MaxModelLen = None, offline: Offline = None,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="GPU memory share of the generation engine (default 0.80 with embeddings, 0.90 without).")] = None,
     embed_gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="GPU memory share of the pooling engine for /v1/embeddings (default 0.10); the two may not pass 0.95.")] = None,
     host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1: loopback only).")] = None,
@@ -77,6 +78,7 @@ def serve(
                     "max_requests": max_batch_requests, "concurrent": concurrent_batches},
         "engine": {**_engine_flags(model, replicas, gpus_per_replica, tensor_parallel_size, dtype, max_model_len),
                    "quantization": quantization.value if quantization else None,
+                   "kv_cache_dtype": kv_cache_dtype.value if kv_cache_dtype else None,
                    "stream_interval": stream_interval, "offline": offline, "gpu_memory_utilization": gpu_memory_utilization,
                    "embed_gpu_memory_utilization": embed_gpu_memory_utilization},
     }

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
-from pipeline.config import EngineConfig, Quantization, Task
+from pipeline.config import EngineConfig, KVCacheDtype, Quantization, Task
 from pipeline.engine.precision import Precision, resolve_dtype
 from pipeline.models import model_dims, resolve_model
 
@@ -39,7 +39,8 @@ def cpu_kv_cache_bytes(config: EngineConfig, folder: Any, dtype: str) -> int:
         return _CPU_KV_CACHE_BYTES
     per_seq = math.ceil(tokens / 256) * 256  # whole KV blocks, whatever vLLM's block size
     kv_width = d.kv_heads * (d.hidden // d.heads)
-    need = config.max_num_seqs * per_seq * d.layers * 2 * kv_width * _DTYPE_BYTES.get(dtype, 4)
+    width = 1 if config.kv_cache_dtype != KVCacheDtype.auto else _DTYPE_BYTES.get(dtype, 4)
+    need = config.max_num_seqs * per_seq * d.layers * 2 * kv_width * width
     return min(_CPU_KV_CACHE_BYTES, need)
 
 
@@ -82,6 +83,8 @@ def engine_args(config: EngineConfig, task: Task, priority_scheduling: bool, col
     )
     if config.tensor_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "mp"
+    if config.kv_cache_dtype != KVCacheDtype.auto:
+        kwargs["kv_cache_dtype"] = KVCacheDtype(config.kv_cache_dtype).value
     if config.quantization == Quantization.int8:
         if not on_cpu:
             raise ValueError("quantization int8 runs on CPUs only (oneDNN's int8 matmul); on GPUs leave it "

@@ -98,6 +98,21 @@ def test_int8_jobs_generate_and_score_close_to_float32(tmp_path, engine, loop):
         assert math.isclose(fp8_nll[i], exact, rel_tol=0.02), (text, fp8_nll[i], exact)
 
 
+def test_an_embedding_job_runs_in_int8_with_an_fp8_kv_cache(tmp_path):
+    import numpy as np
+
+    # a pooling model has no LM head to load: its int8 method must leave it alone
+    src = write_prompts(tmp_path / "in.parquet", ["The cat sat", "A different text", "The cat sat", None],
+                        id=pa.array(range(4), pa.int64()))
+    summary = _cli_job("embed", "--input", str(src), "--output", str(tmp_path / "vecs"), "--kv-cache-dtype", "fp8")
+    assert [summary[k] for k in ("status", "quantization", "kv_cache_dtype", "rows_out", "error_rows")] == \
+        ["succeeded", "int8", "fp8", 4, 1], summary["message"]
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "vecs").to_pylist()}
+    assert rows[3]["embedding"] is None and rows[3]["error"]
+    a, b, c = (np.array(rows[i]["embedding"]) for i in range(3))
+    assert np.allclose(a, c, atol=1e-5) and not np.allclose(a, b, atol=1e-3) and abs(np.linalg.norm(a) - 1) < 1e-4
+
+
 def test_int8_resume_must_match_the_quantization(tmp_path):
     from pipeline.config import JobConfig
 

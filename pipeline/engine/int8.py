@@ -91,6 +91,8 @@ class Int8HeadMethod(UnquantizedEmbeddingMethod):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         weight = layer.weight.data
+        if weight.is_meta:  # a pooling (embedding) model: vLLM never loads the head it does not run
+            return
         packed = [_prepack(weight[start:start + HEAD_SLICE], weight.dtype)
                   for start in range(0, weight.size(0), HEAD_SLICE)]
         layer.int8_handlers = [handler for handler, _ in packed]
